@@ -1,0 +1,5 @@
+import sys
+
+from persam_dreambooth.cli import main
+
+sys.exit(main())

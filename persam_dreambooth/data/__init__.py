@@ -1,0 +1,1 @@
+"""Reading photos and masks; joint image+mask transforms."""
