@@ -14,14 +14,29 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="persam-test-hf-")
-os.environ["PERSAM_DREAMBOOTH_CACHE"] = tempfile.mkdtemp(prefix="persam-test-cache-")
+# Tiny models: one thread avoids OpenMP spin-waiting on small ops (10-50x slower with 2 threads on 2 busy cores).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+_SESSION_TMP = tempfile.mkdtemp(prefix="persam-test-")
+os.environ["HF_HOME"] = os.path.join(_SESSION_TMP, "hf")
+os.environ["PERSAM_DREAMBOOTH_CACHE"] = os.path.join(_SESSION_TMP, "cache")
 
 import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny  # noqa: E402
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

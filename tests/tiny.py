@@ -143,3 +143,206 @@ def save_tiny_sd(folder: str | Path) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+# ------------------------------------------------------------------------- generation and evaluation (issue 5)
+# Tiny metric models (CLIP for CLIP-I / CLIP-T, a ViT for DINO) and a tiny LoRA training-output folder, all saved
+# with save_pretrained / save_lora_weights so the code under test loads them exactly as it loads real ones.
+
+
+def save_tiny_clip(folder: str | Path) -> Path:
+    """A tiny ``CLIPModel`` (32-px images, 8-d projections) + ``CLIPProcessor`` (tiny tokenizer) in ``folder``."""
+    import tempfile
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer = tiny_tokenizer(tok_dir)
+    config = CLIPConfig(
+        text_config={"vocab_size": 1000, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 16, "intermediate_size": 32,
+                       "num_hidden_layers": 2, "num_attention_heads": 2},
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_dino(folder: str | Path) -> Path:
+    """A tiny ``ViTModel`` (32-px images, 8-px patches, 16-d CLS) + ``ViTImageProcessor`` in ``folder``."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32,
+                               num_hidden_layers=2, num_attention_heads=2), add_pooling_layer=False).eval()
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_lora_run(
+    folder: str | Path,
+    base_dir: str | Path,
+    *,
+    seed: int = 1,
+    rank: int = 2,
+    config: dict | None = None,
+    masks: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """A training-output folder as the trainer writes it: a random (non-zero) LoRA on the tiny UNet saved as
+    ``pytorch_lora_weights.safetensors``, ``config.resolved.yaml`` naming ``base_dir``, and optionally ``masks/``.
+
+    Args:
+        folder: the output folder.
+        base_dir: the tiny SD pipeline folder the LoRA belongs to.
+        seed: seed of the LoRA weights (different seeds give different LoRAs).
+        rank: LoRA rank.
+        config: extra entries for ``config.resolved.yaml``.
+        masks: ``{image stem: (H, W) bool}`` written as ``masks/<stem>.png`` + ``masks.json`` + ``masks_grid.jpg``.
+    """
+    import yaml
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    resolved = {"pretrained_model_name_or_path": str(base_dir), "seed": 0, "max_train_steps": 2,
+                "mask_source": "dir" if masks else "none", **(config or {})}
+    (folder / "config.resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    if masks:
+        mdir = folder / "masks"
+        mdir.mkdir(exist_ok=True)
+        for stem, mask in masks.items():
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mdir / f"{stem}.png")
+        (mdir / "masks.json").write_text(json.dumps({"version": 1, "method": "dir"}), encoding="utf-8")
+        tiles = [Image.fromarray(m.astype(np.uint8) * 255).convert("RGB").resize((64, 48)) for m in masks.values()]
+        grid = Image.new("RGB", (64 * len(tiles), 48))
+        for i, t in enumerate(tiles):
+            grid.paste(t, (64 * i, 0))
+        grid.save(mdir / "masks_grid.jpg")
+    return folder
+
+
+def write_instance_dir(folder: str | Path, n: int = 3, size_hw: tuple[int, int] = (48, 64)) -> dict[str, np.ndarray]:
+    """Write ``n`` synthetic subject photos (``00.jpg`` ...) into ``folder``; return their masks by stem."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    masks = {}
+    h, w = size_hw
+    for i in range(n):
+        y0, x0 = 8 + 2 * i, 12 + 3 * i
+        image, mask = synthetic_subject(h, w, box_yx=(y0, x0, y0 + h // 2, x0 + w // 2), seed=i)
+        Image.fromarray(image).save(folder / f"{i:02d}.jpg", quality=95)
+        masks[f"{i:02d}"] = mask
+    return masks
+
+
+# ------------------------------------------------------------------------- segmentation (issue 2)
+TINY_SAM_MODEL_TYPE = "tiny"
+
+
+def register_tiny_sam() -> str:
+    """Register :func:`tiny_sam` as SAM model type ``"tiny"`` (idempotent; test-only, never in the product).
+
+    Then ``load_sam("tiny", checkpoint=path)`` and ``--sam-model tiny --sam-checkpoint PATH`` work in-process.
+    """
+    from persam_dreambooth.segmentation.sam import SAM_BUILDERS, register_sam_builder
+
+    if TINY_SAM_MODEL_TYPE not in SAM_BUILDERS:
+        register_sam_builder(TINY_SAM_MODEL_TYPE, tiny_sam)
+    return TINY_SAM_MODEL_TYPE
+
+
+# ------------------------------------------------------------------------- generation and evaluation (issue 5, 2)
+TINY_PROMPT_TEMPLATES = "recontextualization | a {} on the beach\nrecontextualization | a {} in the snow\n" \
+                        "property | a red {}\n"
+
+
+def tiny_compare_workspace(root: str | Path) -> dict[str, Path]:
+    """Everything ``compare`` needs, on tiny models, built once into ``root`` (reused when already there).
+
+    Returns paths by role: ``sd`` (tiny pipeline), ``instance`` (3 synthetic photos), ``masked`` (LoRA run with
+    ``masks/``, instance_prompt "a photo of sks dog"), ``vanilla`` (another LoRA, no masks), ``clip``, ``dino``,
+    ``sam`` (tiny SAM checkpoint; model type "tiny" is registered), ``prompts`` (3 templates in 2 groups).
+    """
+    root = Path(root)
+    paths = {k: root / k for k in ("sd", "instance", "masked", "vanilla", "clip", "dino")}
+    paths["sam"] = root / "tiny_sam.pth"
+    paths["prompts"] = root / "prompts.txt"
+    register_tiny_sam()
+    if (root / ".done").is_file():
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    save_tiny_sd(paths["sd"])
+    masks = write_instance_dir(paths["instance"], n=3)
+    save_tiny_lora_run(paths["masked"], paths["sd"], seed=1, masks=masks,
+                       config={"instance_prompt": "a photo of sks dog", "mask_source": "persam"})
+    save_tiny_lora_run(paths["vanilla"], paths["sd"], seed=2,
+                       config={"instance_prompt": "a photo of sks dog", "mask_source": "none"})
+    save_tiny_clip(paths["clip"])
+    save_tiny_dino(paths["dino"])
+    torch.save(tiny_sam().state_dict(), paths["sam"])
+    paths["prompts"].write_text(TINY_PROMPT_TEMPLATES, encoding="utf-8")
+    (root / ".done").write_text("ok", encoding="utf-8")
+    return paths
+
+
+def tiny_compare_kwargs(ws: dict[str, Path], output_dir: str | Path, **overrides) -> dict:
+    """Keyword arguments of ``persam_dreambooth.evaluation.compare.compare`` for :func:`tiny_compare_workspace`."""
+    kwargs = {
+        "runs": {"masked": str(ws["masked"]), "vanilla": str(ws["vanilla"])},
+        "instance_data_dir": str(ws["instance"]), "class_noun": "dog", "output_dir": str(output_dir),
+        "prompt_set": str(ws["prompts"]), "num_images_per_prompt": 2, "num_inference_steps": 2,
+        "dino_model": str(ws["dino"]), "clip_model": str(ws["clip"]), "sam_model_type": TINY_SAM_MODEL_TYPE,
+        "sam_checkpoint": str(ws["sam"]), "device": "cpu",
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+def tiny_compare_report(root: str | Path) -> Path:
+    """Run ``compare`` once on :func:`tiny_compare_workspace` into ``root/report`` (reused when already there)."""
+    from persam_dreambooth.evaluation.compare import compare
+
+    root = Path(root)
+    ws = tiny_compare_workspace(root / "workspace")
+    out = root / "report"
+    if not (out / "report.html").is_file():
+        compare(progress=False, **tiny_compare_kwargs(ws, out))
+    return out
+
+
+class torch_threads:  # noqa: N801 - used like a function: ``with tiny.torch_threads(1): ...``
+    """Run a block with ``torch.set_num_threads(n)``, then restore. Tiny models are dominated by per-op overhead;
+    on a shared 2-core machine, 2 intra-op threads contend with other processes and run up to ~10x slower than 1."""
+
+    def __init__(self, n: int = 1) -> None:
+        self.n, self.before = n, None
+
+    def __enter__(self) -> None:
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.before)

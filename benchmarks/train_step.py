@@ -1,0 +1,313 @@
+"""Seconds per step and peak memory of the masked DreamBooth step: plain MSE vs vanilla vs masked, cached or not.
+
+Everything runs in one process on the same model and data, through the library's own pieces (LoRA setup, dataset,
+latent cache, ``training_step``, accelerate's backward / optimizer step), with the variants interleaved in rounds
+so drift in a shared machine hits them alike. Variants:
+
+* ``mse``: the diffusers baseline, ``F.mse_loss`` on an unmasked batch (the masked loss is swapped out);
+* ``vanilla``: ``mask_source: none``, i.e. our code path with all-ones masks;
+* ``masked``: real subject masks (dilated by 2 px) through ``masked_diffusion_loss``.
+
+Models (random weights, built in memory, nothing downloaded): ``tiny`` (the test model) or ``sd15-random`` (the
+Stable Diffusion 1.5 UNet / VAE / CLIP text encoder architectures). Examples::
+
+    python benchmarks/train_step.py --model tiny --resolution 32 --steps 30
+    python benchmarks/train_step.py --model sd15-random --resolution 64 --steps 2 --warmup 1 --rounds 1
+    python benchmarks/train_step.py --model sd15-random --resolution 512 --device cuda --mixed_precision fp16 \
+        --gradient_checkpointing --steps 20 --json out.json
+
+Peak memory is ``torch.cuda.max_memory_allocated`` per variant on CUDA; on CPU it is the process's peak RSS
+(monotonic, so only the first variant's figure is its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import persam_dreambooth.training.step as step_module  # noqa: E402
+from persam_dreambooth.training import TrainConfig  # noqa: E402
+from persam_dreambooth.training.components import BaseModelInfo, Components  # noqa: E402
+from persam_dreambooth.training.dataset import collate_examples  # noqa: E402
+from persam_dreambooth.training.setup import build_dataset, cache_latents, make_optimizer, prepare_models  # noqa: E402
+from persam_dreambooth.training.step import StepModels, encode_prompt, tokenize_prompt, training_step  # noqa: E402
+
+# Stable Diffusion 1.5 architectures (runwayml/stable-diffusion-v1-5 configs), random weights.
+SD15_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu",
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_scale_factor": 1.0,
+    "center_input_sample": False,
+}
+SD15_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2, "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 32, "sample_size": 512,
+    "scaling_factor": 0.18215, "act_fn": "silu",
+}
+SD15_TEXT = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768,
+}
+TINY_UNET = {
+    "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (4, 8),
+    "norm_num_groups": 2, "attention_head_dim": 2, "cross_attention_dim": 8,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"), "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+TINY_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (4, 8), "layers_per_block": 1,
+    "norm_num_groups": 2, "sample_size": 32, "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+}
+TINY_TEXT = {
+    "vocab_size": 1000, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "max_position_embeddings": 77,
+}
+
+
+def write_tokenizer(folder: Path):
+    """A character-level CLIP BPE tokenizer (no download): enough to tokenize ``a photo of sks dog``."""
+    from transformers import CLIPTokenizer
+
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *[c + "</w>" for c in chars]]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+
+
+def build_components(model: str, device: torch.device, workdir: Path) -> Components:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_cfg, vae_cfg, text_cfg = (SD15_UNET, SD15_VAE, SD15_TEXT) if model == "sd15-random" else \
+        (TINY_UNET, TINY_VAE, TINY_TEXT)
+    tokenizer = write_tokenizer(workdir / "tokenizer")
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device (much faster for the 860M-parameter UNet on a GPU)
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            **text_cfg, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False)
+    info = BaseModelInfo(
+        name_or_path=model, components={}, vae_scale_factor=2 ** (len(vae_cfg["block_out_channels"]) - 1),
+        unet_downsample_factor=2 ** (len(unet_cfg["down_block_types"]) - 1), latent_channels=4,
+        prediction_type="epsilon", pipeline_class="StableDiffusionPipeline",
+    )
+    return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=scheduler,
+                      info=info)
+
+
+def write_data(folder: Path, n: int, size: int) -> tuple[list[Path], list[Path]]:
+    """``n`` photos (a bright ellipse on texture) with masks, at about 1.25x the training side."""
+    rng = np.random.default_rng(0)
+    h, w = int(size * 1.25), int(size * 1.5)
+    yy, xx = np.mgrid[0:h, 0:w]
+    images, masks = [], []
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        cy, cx = h * (0.4 + 0.05 * i), w * (0.45 + 0.05 * i)
+        mask = ((yy - cy) / (h * 0.25)) ** 2 + ((xx - cx) / (w * 0.2)) ** 2 <= 1
+        image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        image[mask] = (230, 60, 40)
+        Image.fromarray(image).save(folder / f"{i:02d}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"{i:02d}_mask.png")
+        images.append(folder / f"{i:02d}.png")
+        masks.append(folder / f"{i:02d}_mask.png")
+    return images, masks
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
+
+
+def _mse_per_sample(pred, target, mask, background_weight=0.0, normalize="per_sample", reduction="mean"):
+    """diffusers' loss: plain MSE, the mask ignored (the baseline the mask cost is measured against)."""
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    return per_sample if reduction == "none" else per_sample.mean()
+
+
+def micro_costs(device: torch.device, latent_hw: tuple[int, int], batch: int, dataset_masked, dataset_vanilla,
+                repeats: int = 200) -> dict[str, float]:
+    """Isolated costs of what the mask adds: the loss (forward + backward) and the per-item data work."""
+    from persam_dreambooth.training.losses import masked_diffusion_loss
+
+    g = torch.Generator(device).manual_seed(0)
+    pred = torch.randn(batch, 4, *latent_hw, generator=g, device=device, requires_grad=True)
+    target = torch.randn(batch, 4, *latent_hw, generator=g, device=device)
+    mask = (torch.rand(batch, 1, *latent_hw, generator=g, device=device) > 0.5).float()
+
+    def timed(fn) -> float:
+        for _ in range(10):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / repeats
+
+    mse = timed(lambda: F.mse_loss(pred.float(), target.float()).backward())
+    masked = timed(lambda: masked_diffusion_loss(pred, target, mask).backward())
+    item_masked = timed(lambda: dataset_masked.instance_item(0, np.random.default_rng(0)))
+    item_vanilla = timed(lambda: dataset_vanilla.instance_item(0, np.random.default_rng(0)))
+    return {"loss_mse_us": mse * 1e6, "loss_masked_us": masked * 1e6,
+            "item_vanilla_ms": item_vanilla * 1e3, "item_masked_ms": item_masked * 1e3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("tiny", "sd15-random"), default="tiny")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median step time is kept)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--variants", default="mse,vanilla,masked")
+    parser.add_argument("--cache", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
+    device = accelerator.device
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
+    t0 = time.perf_counter()
+    comps = build_components(args.model, device, workdir)
+    build_s = time.perf_counter() - t0
+    config = TrainConfig(pretrained_model_name_or_path=args.model, instance_data_dir=str(workdir), output_dir="-",
+                         instance_prompt="a photo of sks dog", mask_source="none", resolution=args.resolution,
+                         rank=args.rank, gradient_checkpointing=args.gradient_checkpointing,
+                         train_batch_size=args.batch_size, learning_rate=1e-5)
+    trained = prepare_models(config, comps, device, dtype)
+    optimizer = make_optimizer(config, trained.parameters(), config.learning_rate)
+    unet, optimizer = accelerator.prepare(trained.unet, optimizer)
+    ids, _ = tokenize_prompt(comps.tokenizer, config.instance_prompt, comps.token_length)
+    with torch.no_grad():
+        embeds = encode_prompt(comps.text_encoder, ids)
+    images, masks = write_data(workdir / "data", n=4, size=args.resolution)
+    latent_hw = (args.resolution // comps.info.vae_scale_factor,) * 2
+
+    runs = {}
+    for cached in {"both": (False, True), "on": (True,), "off": (False,)}[args.cache]:
+        for variant in args.variants.split(","):
+            data_config = config.replace(center_crop=True, mask_dilate_px=2 if variant == "masked" else 0)
+            dataset = build_dataset(data_config, images, masks if variant == "masked" else None, None, latent_hw,
+                                    seed=0)
+            if cached:
+                dataset = cache_latents(dataset, comps.vae, args.batch_size, device, dtype)
+            models = StepModels(unet=unet, vae=None if cached else comps.vae, text_encoder=None,
+                                noise_scheduler=comps.noise_scheduler,
+                                latent_scaling=float(comps.vae.config.scaling_factor), instance_embeds=embeds)
+            runs[(variant, cached)] = (dataset, models)
+
+    def one_step(variant: str, dataset, models, i: int) -> float:
+        batch = collate_examples([dataset[(i * args.batch_size + j) % len(dataset)] for j in range(args.batch_size)])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        original = step_module.masked_diffusion_loss
+        if variant == "mse":
+            step_module.masked_diffusion_loss = _mse_per_sample
+        try:
+            out = training_step(batch, models, config, torch.Generator(device).manual_seed(i))
+        finally:
+            step_module.masked_diffusion_loss = original
+        accelerator.backward(out.loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: dict[tuple[str, bool], list[float]] = {key: [] for key in runs}
+    peaks: dict[tuple[str, bool], float] = {}
+    finite: dict[tuple[str, bool], bool] = dict.fromkeys(runs, True)
+    for key, (dataset, models) in runs.items():  # warm-up (allocator, kernels) and per-variant peak memory
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(args.warmup):
+            finite[key] &= bool(np.isfinite(one_step(key[0], dataset, models, i)))
+        sync()
+        peaks[key] = _peak_mb(device)
+    for _ in range(args.rounds):
+        for key, (dataset, models) in runs.items():
+            sync()
+            start = time.perf_counter()
+            for i in range(args.steps):
+                # Data loading (mask resize/crop/area-average, or the cache lookup) is part of the step.
+                finite[key] &= bool(np.isfinite(one_step(key[0], dataset, models, i)))
+            sync()
+            times[key].append((time.perf_counter() - start) / args.steps)
+
+    results = []
+    for key in runs:
+        variant, cached = key
+        sec = statistics.median(times[key])
+        base = statistics.median(times[("mse", cached)]) if ("mse", cached) in times else None
+        results.append({"variant": variant, "cached_latents": cached, "sec_per_step": sec,
+                        "steps_per_sec": 1 / sec, "overhead_vs_mse_pct": None if base is None else
+                        100 * (sec / base - 1), "peak_mem_mb": peaks[key], "finite_loss": finite[key]})
+    header = {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
+              "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+              "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
+              "rank": args.rank, "steps": args.steps, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+              "build_seconds": round(build_s, 1),
+              "trainable_params": sum(p.numel() for p in trained.parameters())}
+    uncached = {variant: dataset for (variant, cached), (dataset, _) in runs.items() if not cached}
+    micro = {}
+    if "masked" in uncached and "vanilla" in uncached:
+        micro = micro_costs(device, latent_hw, args.batch_size, uncached["masked"], uncached["vanilla"])
+        added_s = (micro["loss_masked_us"] - micro["loss_mse_us"]) * 1e-6 + \
+            args.batch_size * (micro["item_masked_ms"] - micro["item_vanilla_ms"]) * 1e-3
+        step_s = min(r["sec_per_step"] for r in results)
+        micro["mask_cost_pct_of_fastest_step"] = 100 * added_s / step_s
+    header["micro"] = {k: round(v, 3) for k, v in micro.items()}
+    print(json.dumps(header))  # noqa: T201 - benchmark output
+    print(f"{'variant':8} {'cached':6} {'s/step':>9} {'steps/s':>8} {'vs mse':>8} {'peak MB':>9} finite")  # noqa: T201
+    for r in results:
+        over = "" if r["overhead_vs_mse_pct"] is None else f"{r['overhead_vs_mse_pct']:+7.2f}%"
+        print(f"{r['variant']:8} {str(r['cached_latents']):6} {r['sec_per_step']:9.4f} {r['steps_per_sec']:8.2f} "  # noqa: T201
+              f"{over:>8} {r['peak_mem_mb']:9.0f} {r['finite_loss']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"setup": header, "results": results}, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

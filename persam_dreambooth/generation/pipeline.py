@@ -1,0 +1,218 @@
+"""Load a text-to-image pipeline for generation: a base model, optionally with a trained LoRA, or a fully
+fine-tuned pipeline folder.
+
+A training output folder holds either ``pytorch_lora_weights.safetensors`` (diffusers' LoRA format, loaded with
+``pipe.load_lora_weights``) or a complete diffusers pipeline (``model_index.json``); :func:`find_run_weights` says
+which, and fails with a clear message when it holds neither (for example a run that never finished).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "LORA_WEIGHT_NAME",
+    "RunWeights",
+    "find_run_weights",
+    "read_run_config",
+    "read_base_model",
+    "resolve_device",
+    "resolve_dtype",
+    "model_geometry",
+    "check_image_size",
+    "load_pipeline",
+    "offline_hint",
+]
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+RUN_CONFIG_NAME = "config.resolved.yaml"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class RunWeights:
+    """What a training output folder holds: ``kind`` ``"lora"`` (LoRA file in ``path``) or ``"full"`` (a pipeline)."""
+
+    kind: Literal["lora", "full"]
+    path: Path
+
+
+def find_run_weights(folder: str | os.PathLike[str], arg_name: str = "--lora") -> RunWeights:
+    """Find the trained weights in a training output folder.
+
+    Args:
+        folder: the trainer's ``output_dir``.
+        arg_name: the argument the folder came from, for error messages.
+
+    Raises:
+        FileNotFoundError: the folder does not exist, or holds neither a LoRA file nor a pipeline.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"`{arg_name}` folder {str(path)!r} does not exist (or is not a folder).")
+    if (path / LORA_WEIGHT_NAME).is_file():
+        return RunWeights("lora", path)
+    if (path / "model_index.json").is_file():
+        return RunWeights("full", path)
+    raise FileNotFoundError(
+        f"`{arg_name}` folder {str(path)!r} holds no trained weights: expected {LORA_WEIGHT_NAME} (LoRA) or "
+        "model_index.json (full fine-tune). Did the training finish?"
+    )
+
+
+def read_run_config(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The trainer's ``config.resolved.yaml`` in ``folder`` as a dict, or ``None`` when there is none."""
+    path = Path(folder) / RUN_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a mapping of config keys, got {type(data).__name__}.")
+    return data
+
+
+def read_base_model(folder: str | os.PathLike[str]) -> str | None:
+    """The ``pretrained_model_name_or_path`` a run was trained from (from its resolved config), if recorded."""
+    cfg = read_run_config(folder)
+    if cfg is None:
+        return None
+    value = cfg.get("pretrained_model_name_or_path")
+    return str(value) if value else None
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` as given, or the best available: ``cuda``, then ``mps``, then ``cpu``."""
+    import torch
+
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str) -> Any:
+    """``"float32" | "float16" | "bfloat16"`` -> the ``torch.dtype``."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"`--dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    return getattr(torch, dtype)
+
+
+def offline_hint(model_id: str, flag: str) -> str:
+    """How to get ``model_id`` onto a machine without Hub access (appended to loading errors)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    return (
+        ("HF_HUB_OFFLINE is set, so only already-downloaded models can be used. " if offline else "")
+        + f"Download it first on a machine with internet (`hf download {model_id}`, or `huggingface-cli download "
+        f"{model_id}` with older huggingface_hub) into the Hugging Face cache, or pass a local folder: "
+        f"`{flag} /path/to/model`."
+    )
+
+
+def model_geometry(pretrained_model_name_or_path: str) -> tuple[int, int]:
+    """``(vae_scale_factor, default_size)`` of a Stable Diffusion style pipeline, read from its configs only.
+
+    ``vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)`` (as diffusers' pipelines compute it) and the
+    default image side is ``unet.sample_size * vae_scale_factor``. Nothing is loaded but two small JSON files.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    try:
+        vae_cfg = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae")
+        unet_cfg = UNet2DConditionModel.load_config(pretrained_model_name_or_path, subfolder="unet")
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(
+            f"Could not read the model configs of `--pretrained_model_name_or_path` "
+            f"{pretrained_model_name_or_path!r}: {str(exc).splitlines()[0] if str(exc) else exc!r}. "
+            + offline_hint(pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+        ) from exc
+    scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    sample = unet_cfg["sample_size"]
+    sample = sample[0] if isinstance(sample, list | tuple) else sample
+    return scale, int(sample) * scale
+
+
+def check_image_size(height: int, width: int, vae_scale_factor: int) -> None:
+    """Raise ``ValueError`` unless ``height`` and ``width`` are positive multiples of the VAE scale factor and of 8.
+
+    The latents are ``(H / vae_scale_factor, W / vae_scale_factor)``, and diffusers' Stable Diffusion pipelines also
+    reject sizes that are not multiples of 8 (for SD both numbers are 8).
+    """
+    step = math.lcm(8, vae_scale_factor)
+    for name, value in (("--height", height), ("--width", width)):
+        if value <= 0 or value % step:
+            raise ValueError(
+                f"`{name}` must be a positive multiple of {step} (VAE scale factor {vae_scale_factor}; the pipeline "
+                f"needs multiples of 8), got {value}."
+            )
+
+
+def load_pipeline(
+    pretrained_model_name_or_path: str | None = None,
+    *,
+    lora: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+) -> Any:
+    """Load a diffusers text-to-image pipeline ready for generation.
+
+    Args:
+        pretrained_model_name_or_path: the base model (Hub id or local folder). Required unless ``model`` is given.
+        lora: a folder holding ``pytorch_lora_weights.safetensors`` to load on top of the base model.
+        model: a fully fine-tuned pipeline folder (``model_index.json``), used instead of the base model.
+        device: ``cuda``, ``cpu``, ... (default: the best available).
+        dtype: ``float32``, ``float16`` or ``bfloat16``.
+
+    Returns:
+        The pipeline, on ``device``, with its own progress bar turned off.
+    """
+    from diffusers import DiffusionPipeline
+
+    if lora is not None and model is not None:
+        raise ValueError("Pass either `--lora` or `--model`, not both.")
+    torch_dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    if model is not None:
+        source, flag = str(find_run_weights(model, "--model").path), "--model"
+    elif pretrained_model_name_or_path:
+        source, flag = str(pretrained_model_name_or_path), "--pretrained_model_name_or_path"
+    else:
+        raise ValueError("`--pretrained_model_name_or_path` is required (or `--model` for a fine-tuned pipeline).")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(
+            f"Could not load the pipeline `{flag} {source}`: {str(exc).splitlines()[0] if str(exc) else exc!r}. "
+            + offline_hint(source, flag)
+        ) from exc
+    if lora is not None:
+        weights = find_run_weights(lora, "--lora")
+        if weights.kind != "lora":
+            raise ValueError(
+                f"`--lora` folder {str(weights.path)!r} holds a full pipeline (model_index.json), not LoRA weights; "
+                "pass it as `--model` instead."
+            )
+        if not hasattr(pipe, "load_lora_weights"):
+            raise ValueError(f"The pipeline {type(pipe).__name__} of {source!r} cannot load LoRA weights.")
+        pipe.load_lora_weights(str(weights.path), weight_name=LORA_WEIGHT_NAME)
+        logger.info("Loaded LoRA weights from %s", weights.path)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,216 @@
+"""Encode images once, decode prompts many times: a stateless ``SamPredictor`` with the guided decoder.
+
+:class:`GuidedSamPredictor` does what ``segment_anything.SamPredictor`` does (same resize, same normalisation and
+padding, same prompt transforms, same post-processing), but the image embedding is a value
+(:class:`ImageEmbedding`) you pass to :meth:`~GuidedSamPredictor.predict` rather than hidden state. So embeddings
+can be cached, batched or reused for several references, and the decoder accepts PerSAM's ``attn_sim`` and
+``target_embedding``. With neither, :meth:`~GuidedSamPredictor.predict` returns exactly ``SamPredictor.predict``'s
+numbers.
+
+Shapes: ``C`` channels, ``h, w`` embedding grid, ``h_lr, w_lr`` low-res mask size (4x the grid), ``H, W`` original
+image, ``K`` masks per call (3 with ``multimask_output``, else 1), ``N`` points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import Tensor
+
+from persam_dreambooth.data.images import ImageLike, load_image
+from persam_dreambooth.segmentation.guided_decoder import GuidedMaskDecoder
+
+__all__ = ["ImageEmbedding", "DecoderOutput", "GuidedSamPredictor"]
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One encoded image.
+
+    Attributes:
+        features: ``(C, h, w)`` image-encoder output (on the model's device unless moved).
+        original_size: ``(H, W)`` of the image as given.
+        input_size: ``(h', w')`` of the resized image inside SAM's square frame.
+    """
+
+    features: Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+    def to(self, device: str | torch.device) -> ImageEmbedding:
+        """The same embedding with ``features`` on ``device`` (e.g. ``"cpu"`` for a cache)."""
+        return ImageEmbedding(self.features.to(device), self.original_size, self.input_size)
+
+
+@dataclass
+class DecoderOutput:
+    """What one decoder call returns.
+
+    Attributes:
+        low_res_logits: ``(K, h_lr, w_lr)`` mask logits; feed one back as ``mask_input``.
+        iou_predictions: ``(K,)`` SAM's predicted IoU of each mask.
+        high_res_logits: ``(K, H, W)`` logits at the original resolution if requested, else ``None``.
+    """
+
+    low_res_logits: Tensor
+    iou_predictions: Tensor
+    high_res_logits: Tensor | None = None
+
+    @property
+    def best(self) -> int:
+        """Index of the mask with the highest predicted IoU (first one on ties)."""
+        return int(torch.argmax(self.iou_predictions))
+
+
+class GuidedSamPredictor:
+    """Encode with SAM's image encoder; decode prompts with a guided copy of SAM's mask decoder.
+
+    Args:
+        sam: any ``segment_anything.modeling.Sam`` (any size); it is used, not modified. Its decoder weights are
+            copied into a :class:`GuidedMaskDecoder` now, so later changes to ``sam.mask_decoder`` are not seen.
+    """
+
+    def __init__(self, sam: Sam) -> None:
+        if not isinstance(sam, Sam):
+            raise TypeError(f"`sam` must be a segment_anything Sam, got {type(sam).__name__}.")
+        self.sam = sam
+        self.decoder = GuidedMaskDecoder.from_decoder(sam.mask_decoder)
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+
+    # ------------------------------------------------------------------------------------------------ sizes
+    @property
+    def device(self) -> torch.device:
+        return self.sam.device
+
+    @property
+    def frame_size(self) -> int:
+        """SAM's square input side ``S`` (1024 for the released models)."""
+        return int(self.sam.image_encoder.img_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The embedding grid ``(h, w)`` (64x64 for the released models)."""
+        return tuple(self.sam.prompt_encoder.image_embedding_size)  # type: ignore[return-value]
+
+    @property
+    def low_res_size(self) -> tuple[int, int]:
+        """The low-res mask size ``(h_lr, w_lr)`` (256x256 for the released models)."""
+        return tuple(self.sam.prompt_encoder.mask_input_size)  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------------------------ encoding
+    def prepare(self, image: ImageLike, arg_name: str = "image") -> tuple[Tensor, tuple[int, int]]:
+        """Resize an image like ``SamPredictor.set_image`` (PIL bilinear to long side ``S``, uint8).
+
+        Returns:
+            ``(resized (3, h', w') uint8 on the model's device, original_size (H, W))``.
+        """
+        array = load_image(image, arg_name)  # (H, W, 3) uint8 RGB
+        original_size = (int(array.shape[0]), int(array.shape[1]))
+        resized = self.transform.apply_image(array)  # (h', w', 3) uint8
+        del array
+        tensor = torch.as_tensor(resized, device=self.device)
+        tensor = tensor.permute(2, 0, 1).contiguous()  # (h', w', 3) -> (3, h', w')
+        return tensor, original_size
+
+    @torch.no_grad()
+    def encode_prepared(
+        self, images: Sequence[Tensor], original_sizes: Sequence[tuple[int, int]]
+    ) -> list[ImageEmbedding]:
+        """Run the image encoder once on a batch of :meth:`prepare` outputs (normalised and padded by ``Sam``).
+
+        Shapes: each image ``(3, h'_i, w'_i)`` uint8 -> one ``ImageEmbedding`` with features ``(C, h, w)``.
+        """
+        batch = torch.stack([self.sam.preprocess(img[None].float())[0] for img in images])  # (B, 3, S, S)
+        features = self.sam.image_encoder(batch)  # (B, C, h, w)
+        return [
+            ImageEmbedding(features[i], tuple(osz), (int(img.shape[-2]), int(img.shape[-1])))  # type: ignore[arg-type]
+            for i, (img, osz) in enumerate(zip(images, original_sizes, strict=True))
+        ]
+
+    def encode(self, image: ImageLike, arg_name: str = "image") -> ImageEmbedding:
+        """Encode one image (path, PIL image or ``(H, W, 3)`` uint8 array) exactly as ``SamPredictor.set_image``."""
+        tensor, original_size = self.prepare(image, arg_name)
+        return self.encode_prepared([tensor], [original_size])[0]
+
+    def encode_batch(self, images: Sequence[ImageLike], arg_name: str = "images") -> list[ImageEmbedding]:
+        """Encode several images in one encoder call (may differ from :meth:`encode` by float rounding)."""
+        prepared = [self.prepare(img, f"{arg_name}[{i}]") for i, img in enumerate(images)]
+        return self.encode_prepared([p[0] for p in prepared], [p[1] for p in prepared])
+
+    # ------------------------------------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def predict(
+        self,
+        embedding: ImageEmbedding,
+        point_coords: Tensor | np.ndarray | None = None,
+        point_labels: Tensor | np.ndarray | None = None,
+        box: Tensor | np.ndarray | None = None,
+        mask_input: Tensor | None = None,
+        multimask_output: bool = True,
+        attn_sim: Tensor | None = None,
+        target_embedding: Tensor | None = None,
+        return_high_res: bool = False,
+    ) -> DecoderOutput:
+        """Decode prompts on an encoded image (``SamPredictor.predict`` without re-encoding, plus the injections).
+
+        Args:
+            embedding: from :meth:`encode`.
+            point_coords: ``(N, 2)`` points ``(x, y)`` in original-image pixels; point_labels ``(N,)`` 1/0.
+            box: ``(4,)`` ``[x0, y0, x1, y1]`` in original-image pixels.
+            mask_input: ``(1, h_lr, w_lr)`` low-res logits from a previous call.
+            multimask_output: 3 masks (tokens 1..3) if True, else 1 (token 0).
+            attn_sim: ``(1, 1, 1, h*w)`` target-guided attention prior, or ``None``.
+            target_embedding: ``(1, 1, C)`` target-semantic prompt, or ``None``.
+            return_high_res: also upscale all K masks to ``(K, H, W)`` logits (memory: K*H*W floats).
+        """
+        coords = labels = boxes = masks = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("`point_labels` must be given with `point_coords`.")
+            pts = np.asarray(torch.as_tensor(point_coords).cpu(), dtype=np.float64)
+            # float64 transform then float32, as SamPredictor.predict does (keeps the numbers identical)
+            pts = self.transform.apply_coords(pts, embedding.original_size)
+            coords = torch.as_tensor(pts, dtype=torch.float, device=self.device)[None]  # (N, 2) -> (1, N, 2)
+            labels = torch.as_tensor(np.asarray(torch.as_tensor(point_labels).cpu()), dtype=torch.int,
+                                     device=self.device)[None]  # (N,) -> (1, N)
+        if box is not None:
+            b = np.asarray(torch.as_tensor(box).cpu(), dtype=np.float64).reshape(-1, 4)  # (4,) -> (1, 4)
+            b = self.transform.apply_boxes(b, embedding.original_size)
+            boxes = torch.as_tensor(b, dtype=torch.float, device=self.device)  # (1, 4)
+        if mask_input is not None:
+            masks = mask_input.to(device=self.device, dtype=torch.float)
+            masks = masks.reshape(1, 1, *mask_input.shape[-2:])  # (1, h_lr, w_lr) -> (1, 1, h_lr, w_lr)
+        sparse, dense = self.sam.prompt_encoder(
+            points=(coords, labels) if coords is not None else None, boxes=boxes, masks=masks
+        )
+        low_res, iou = self.decoder(
+            image_embeddings=embedding.features[None].to(self.device),  # (C, h, w) -> (1, C, h, w)
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            attn_sim=attn_sim,
+            target_embedding=target_embedding,
+        )
+        out = DecoderOutput(low_res_logits=low_res[0], iou_predictions=iou[0])  # drop the prompt batch dim
+        if return_high_res:
+            out.high_res_logits = self.upscale(out.low_res_logits, embedding)
+        return out
+
+    @torch.no_grad()
+    def upscale(self, low_res_logits: Tensor, embedding: ImageEmbedding) -> Tensor:
+        """``(K, h_lr, w_lr)`` logits -> ``(K, H, W)`` with ``Sam.postprocess_masks`` (threshold at 0 for masks)."""
+        out = self.sam.postprocess_masks(
+            low_res_logits[None], embedding.input_size, embedding.original_size
+        )  # (1, K, h_lr, w_lr) -> (1, K, H, W)
+        return out[0]
+
+    @torch.no_grad()
+    def upscale_mask(self, low_res_logits: Tensor, embedding: ImageEmbedding) -> Tensor:
+        """``(h_lr, w_lr)`` logits of one mask -> ``(H, W)`` bool mask (``logits > sam.mask_threshold``)."""
+        return self.upscale(low_res_logits[None], embedding)[0] > self.sam.mask_threshold

@@ -1,0 +1,96 @@
+"""Class images for prior preservation: use what ``class_data_dir`` holds, generate only the shortfall.
+
+Generation uses the base model with ``class_prompt``, in batches of ``sample_batch_size``. Image ``i`` (counted
+from the images already there) is generated with the seed ``derive_seed(seed, i)`` and written atomically as
+``{i:05d}-{sha1 of its pixels}.jpg`` as soon as its batch is done, so an interrupted generation resumes where it
+stopped: a rerun counts the finished images and generates only the rest. Class images are never masked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from persam_dreambooth.data.images import IMAGE_EXTENSIONS
+from persam_dreambooth.training.config import TrainConfig
+from persam_dreambooth.training.rng import derive_seed
+from persam_dreambooth.utils.io import atomic_save_image, ensure_output_dir
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["existing_class_images", "ensure_class_images"]
+
+
+def existing_class_images(folder: str | Path) -> list[Path]:
+    """The complete image files in ``folder`` (sorted; hidden and temporary files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _generation_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    precision = config.prior_generation_precision
+    if precision is None:
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    return {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def ensure_class_images(config: TrainConfig, accelerator: Any, seed: int) -> list[Path]:
+    """Make sure ``class_data_dir`` holds ``num_class_images`` images; return the ones to train with.
+
+    Every process must call it; each generates its share of the missing images.
+    """
+    assert config.class_data_dir is not None and config.class_prompt is not None
+    folder = ensure_output_dir(config.class_data_dir, "class_data_dir")
+    existing = existing_class_images(folder)
+    missing = config.num_class_images - len(existing)
+    if missing <= 0:
+        return existing[: config.num_class_images]
+    logger.info("Generating %d class images for %r in %s", missing, config.class_prompt, folder)
+    from diffusers import DiffusionPipeline
+
+    device = accelerator.device
+    dtype = _generation_dtype(config, device)
+    pipe = DiffusionPipeline.from_pretrained(
+        config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
+        dtype=dtype, **_no_safety_checker(config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    indices = list(range(len(existing), config.num_class_images))[accelerator.process_index::
+                                                                   accelerator.num_processes]
+    batches = [indices[i: i + config.sample_batch_size] for i in range(0, len(indices), config.sample_batch_size)]
+    for batch in tqdm(batches, desc="class images", disable=not accelerator.is_local_main_process):
+        generators = [torch.Generator(device).manual_seed(derive_seed(seed, index, 0xC1A55)) for index in batch]
+        with torch.no_grad():
+            images = pipe(
+                [config.class_prompt] * len(batch), generator=generators, height=config.resolution,
+                width=config.resolution, num_inference_steps=config.class_generation_steps,
+            ).images
+        for index, image in zip(batch, images, strict=True):
+            digest = hashlib.sha1(image.tobytes()).hexdigest()[:16]
+            atomic_save_image(image, folder / f"{index:05d}-{digest}.jpg", quality=95)
+    del pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    accelerator.wait_for_everyone()
+    return existing_class_images(folder)[: config.num_class_images]
+
+
+def _no_safety_checker(config: TrainConfig) -> dict[str, Any]:
+    """Skip loading a safety checker (about 1.2 GB for SD 1.x): class images are never shown to anyone."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(config.pretrained_model_name_or_path, revision=config.revision)
+    if "safety_checker" in index:
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return {}

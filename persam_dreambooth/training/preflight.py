@@ -1,0 +1,139 @@
+"""Checks that run before anything is written or loaded: bad input fails here, with a message naming the problem.
+
+Checked: the output path is not a file; the base model exists, is a single-text-encoder diffusers pipeline and its
+VAE takes ``resolution``; the instance folder holds readable images with distinct stems; every image has a
+non-empty mask of its size (``mask_dir``), or the reference image / mask / box / point are valid (PerSAM); the SAM
+checkpoint exists; the class folder is not a file; ``resume_from_checkpoint`` exists; bitsandbytes is installed
+for ``use_8bit_adam``; the tracker package is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from persam_dreambooth.data.images import check_same_size, list_images, load_image, load_mask
+from persam_dreambooth.masks.store import MaskSet, read_image_hw
+from persam_dreambooth.training.checkpoint import resolve_resume
+from persam_dreambooth.training.components import BaseModelInfo, inspect_base_model
+from persam_dreambooth.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Preflight", "run_preflight"]
+
+
+@dataclass
+class Preflight:
+    """What the checks found.
+
+    Attributes:
+        info: the base model's configuration.
+        instance_images: the instance photos, sorted by name.
+        mask_set: the user's mask folder (``mask_source: dir``), else None.
+        resume: the checkpoint to resume from, or None.
+        output_dir: the output folder (may not exist yet).
+    """
+
+    info: BaseModelInfo
+    instance_images: list[Path]
+    mask_set: MaskSet | None
+    resume: Path | None
+    output_dir: Path
+
+
+def _check_output_dir(path: Path) -> None:
+    for candidate in (path, *path.parents):
+        if candidate.exists() and not candidate.is_dir():
+            raise NotADirectoryError(
+                f"`output_dir` must be a folder, but {str(candidate)!r} is an existing file"
+                + ("" if candidate == path else f" (a parent of {str(path)!r})") + "; choose another path."
+            )
+
+
+def _check_unique_stems(images: list[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for path in images:
+        key = path.stem.casefold()
+        if key in seen:
+            raise ValueError(
+                f"`instance_data_dir` holds {seen[key].name!r} and {path.name!r} with the same stem; masks are "
+                "matched by stem, so rename one of them."
+            )
+        seen[key] = path
+
+
+def _check_reference(config: TrainConfig) -> None:
+    assert config.reference_image is not None
+    ref_hw = load_image(config.reference_image, "reference_image").shape[:2]
+    if config.reference_mask is not None:
+        mask = load_mask(config.reference_mask, "reference_mask")
+        check_same_size(ref_hw, mask.shape, "reference_image", "reference_mask")
+        if not mask.any():
+            raise ValueError(f"`reference_mask` {config.reference_mask!r} is empty (no foreground pixel).")
+    height, width = ref_hw
+    if config.reference_box is not None:
+        x0, y0, x1, y1 = config.reference_box
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise ValueError(
+                f"`reference_box` {config.reference_box} must lie inside `reference_image` (W x H = {width} x "
+                f"{height}): 0 <= x0 < x1 <= {width}, 0 <= y0 < y1 <= {height}."
+            )
+    if config.reference_point is not None:
+        x, y = config.reference_point
+        if not (0 <= x < width and 0 <= y < height):
+            raise ValueError(
+                f"`reference_point` {config.reference_point} must lie inside `reference_image` (W x H = {width} x "
+                f"{height})."
+            )
+    if config.sam_checkpoint is not None and not Path(config.sam_checkpoint).is_file():
+        raise FileNotFoundError(f"`sam_checkpoint` file {config.sam_checkpoint!r} does not exist.")
+    from persam_dreambooth.masks.make import segmenter_class
+    from persam_dreambooth.segmentation.sam import SAM_BUILDERS
+
+    if config.sam_model_type not in SAM_BUILDERS:
+        raise ValueError(
+            f"`sam_model_type` must be one of {sorted(SAM_BUILDERS)}, got {config.sam_model_type!r}."
+        )
+    segmenter_class(config.mask_method or "persam")  # PerSAM-F may be missing from this installation
+
+
+def run_preflight(config: TrainConfig) -> Preflight:
+    """Run every check that needs no model weights; raise on the first problem. Writes nothing."""
+    output_dir = Path(config.output_dir)
+    _check_output_dir(output_dir)
+    info = inspect_base_model(config)
+
+    images = list_images(config.instance_data_dir, "instance_data_dir")
+    _check_unique_stems(images)
+    for path in images:
+        read_image_hw(path)  # readable
+    mask_set = None
+    if config.mask_source == "dir":
+        assert config.mask_dir is not None
+        mask_set = MaskSet.read(config.mask_dir, "mask_dir")
+        mask_set.check_images(images)
+    elif config.mask_source in ("persam", "persam_f"):
+        _check_reference(config)
+
+    if config.with_prior_preservation:
+        assert config.class_data_dir is not None
+        class_dir = Path(config.class_data_dir)
+        if class_dir.exists() and not class_dir.is_dir():
+            raise NotADirectoryError(f"`class_data_dir` {config.class_data_dir!r} is a file; give a folder.")
+    elif config.class_data_dir or config.class_prompt:
+        logger.warning("`class_data_dir` / `class_prompt` are ignored without `with_prior_preservation`.")
+
+    if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes` (or drop the flag).")
+    trackers = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml"}
+    wanted = list(trackers) if config.report_to == "all" else [config.report_to]
+    for name in wanted:
+        if name in trackers and importlib.util.find_spec(trackers[name]) is None:
+            if config.report_to == "all":
+                continue
+            raise ValueError(f"`report_to` {name!r} needs `pip install {trackers[name]}` (or `--report_to none`).")
+    resume = resolve_resume(config.resume_from_checkpoint, output_dir)
+    return Preflight(info=info, instance_images=images, mask_set=mask_set, resume=resume, output_dir=output_dir)

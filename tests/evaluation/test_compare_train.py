@@ -1,0 +1,107 @@
+"""``compare --train``: one training config -> a masked and a vanilla run (same seed and steps) -> the comparison."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import tiny
+import yaml
+
+from persam_dreambooth.cli import compare as compare_cli
+from persam_dreambooth.config import ConfigError
+from persam_dreambooth.evaluation.train_compare import paired_train_configs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with tiny.torch_threads(1):
+        yield
+
+_MASK_KEYS = {"mask_source", "mask_dir", "reference_image", "reference_mask", "mask_method", "output_dir"}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return tiny.tiny_compare_workspace(tmp_path_factory.getbasetemp() / "shared-compare" / "workspace")
+
+
+def _train_config(ws, path, **extra):
+    cfg = {
+        "pretrained_model_name_or_path": str(ws["sd"]), "instance_prompt": "a photo of sks dog", "resolution": 32,
+        "max_train_steps": 50, "learning_rate": 1e-2, "report_to": "none", "mask_source": "persam",
+        "reference_image": str(ws["instance"] / "00.jpg"), "reference_mask": str(ws["masked"] / "masks" / "00.png"),
+        "sam_model_type": "tiny", "sam_checkpoint": str(ws["sam"]), **extra,
+    }
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def _args(ws, train_config, out, *extra):
+    parser = argparse.ArgumentParser()
+    compare_cli.register(parser.add_subparsers())
+    return parser.parse_args([
+        "compare", "--train", "--train-config", str(train_config), "--max-train-steps", "2",
+        "--instance_data_dir", str(ws["instance"]), "--class-noun", "dog", "--prompt-set", str(ws["prompts"]),
+        "--num-images-per-prompt", "1", "--num-inference-steps", "2", "--dino-model", str(ws["dino"]),
+        "--clip-model", str(ws["clip"]), "--device", "cpu", "--output-dir", str(out), *extra,
+    ])
+
+
+def test_train_then_compare_end_to_end(ws, tmp_path):
+    out = tmp_path / "report"
+    args = _args(ws, _train_config(ws, tmp_path / "train.yaml"), out)
+    assert args.func(args) == 0
+    masked = yaml.safe_load((out / "train" / "masked" / "config.resolved.yaml").read_text())
+    vanilla = yaml.safe_load((out / "train" / "vanilla" / "config.resolved.yaml").read_text())
+    assert masked["mask_source"] == "persam" and vanilla["mask_source"] == "none"
+    assert masked["max_train_steps"] == vanilla["max_train_steps"] == 2  # --max-train-steps overrides the file
+    assert masked["seed"] == vanilla["seed"] == 0
+    same = {k for k in masked if k not in _MASK_KEYS and k != "_meta"}
+    assert {k: masked[k] for k in same} == {k: vanilla[k] for k in same}  # the runs differ in the mask alone
+    assert (out / "train" / "masked" / "masks" / "masks_grid.jpg").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["runs"]) == ["base", "masked", "vanilla"]
+    assert metrics["runs"]["vanilla"]["mask_source"] == "none"
+    assert metrics["models"]["sam"]["model_type"] == "tiny"  # from the training config
+    assert metrics["reference"]["mask"] == str(out / "train" / "masked" / "masks" / "00.png")
+    assert metrics["runs"]["masked"]["overall"]["background_leakage"] is not None
+    assert (out / "report.html").is_file()
+
+    # a rerun reuses both trainings (and every image)
+    weights = out / "train" / "masked" / "pytorch_lora_weights.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert args.func(args) == 0
+    assert weights.stat().st_mtime_ns == stamp
+    # ... but refuses to mix in a run trained with other settings
+    with pytest.raises(ValueError, match=r"already holds a run trained with other settings \(max_train_steps: 2 "
+                                         r"there, 3 now\)"):
+        args3 = _args(ws, tmp_path / "train.yaml", out)
+        args3.max_train_steps = 3
+        args3.func(args3)
+
+
+def test_vanilla_only_config_is_rejected(ws, tmp_path):
+    cfg = yaml.safe_load(_train_config(ws, tmp_path / "t.yaml").read_text())
+    cfg["mask_source"] = "none"
+    with pytest.raises(ConfigError, match="both runs would be vanilla"):
+        paired_train_configs(cfg, tmp_path / "out", instance_data_dir=str(ws["instance"]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_paired_configs_share_everything_but_the_mask(ws, tmp_path):
+    cfg = yaml.safe_load(_train_config(ws, tmp_path / "t.yaml", seed=None).read_text())
+    pair = paired_train_configs(cfg, tmp_path / "out", instance_data_dir=str(ws["instance"]), max_train_steps=7,
+                                seed=11)
+    assert pair["masked"].seed == pair["vanilla"].seed == 11 and pair["vanilla"].max_train_steps == 7
+    assert pair["vanilla"].reference_image is None and pair["vanilla"].mask_source == "none"
+    assert pair["masked"].output_dir == str(tmp_path / "out" / "train" / "masked")
+
+
+def test_missing_metric_model_fails_before_training(ws, tmp_path):
+    out = tmp_path / "report"
+    args = _args(ws, _train_config(ws, tmp_path / "train.yaml"), out, "--dino-model", "missing/dino")
+    with pytest.raises(RuntimeError, match=r"--dino-model missing/dino"):
+        args.func(args)
+    assert not (out / "train").exists()

@@ -1,0 +1,108 @@
+"""``persam-dreambooth eval-perseg`` end to end on a tiny PerSeg-layout folder, with the tiny SAM."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tiny
+from PIL import Image
+
+from persam_dreambooth import cli
+from persam_dreambooth.data.images import load_mask
+from persam_dreambooth.evaluation.perseg import discover_perseg
+from persam_dreambooth.evaluation.segmentation_metrics import PooledIoU
+
+
+@pytest.fixture(autouse=True)
+def _register():
+    tiny.register_tiny_sam()
+
+
+def _palette_annotation(mask: np.ndarray) -> Image.Image:
+    """PerSeg's annotation format: palette PNG, index 1 = RGB (128, 0, 0)."""
+    img = Image.fromarray(mask.astype(np.uint8), mode="P")
+    img.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)
+    return img
+
+
+@pytest.fixture
+def perseg(tmp_path):
+    root = tmp_path / "perseg"
+    for k, obj in enumerate(("duck", "red_can")):
+        (root / "Images" / obj).mkdir(parents=True)
+        (root / "Annotations" / obj).mkdir(parents=True)
+        for i in range(3):
+            image, mask = tiny.synthetic_subject(64, 80, box_yx=(10 + 4 * i, 12 + 3 * i, 44 + 2 * i, 60),
+                                                 seed=10 * k + i, color=(200, 60 + 80 * k, 40))
+            Image.fromarray(image).save(root / "Images" / obj / f"{i:02d}.jpg", quality=95)
+            _palette_annotation(mask).save(root / "Annotations" / obj / f"{i:02d}.png")
+    return root
+
+
+def _run(perseg, ckpt, out, *extra):
+    return cli.main(["eval-perseg", "--data", str(perseg), "--output", str(out), "--sam-model", "tiny",
+                     "--sam-checkpoint", str(ckpt), "--device", "cpu", *extra])
+
+
+def test_end_to_end_metrics_match_the_written_masks(perseg, tiny_sam_checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    assert _run(perseg, tiny_sam_checkpoint, out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "persam" and metrics["ref"] == "00"
+    assert set(metrics["classes"]) == {"duck", "red_can"}
+    # Recompute every number from the written masks and the annotations: the reference (00) is excluded.
+    means = []
+    for obj, c in metrics["classes"].items():
+        assert c["images"] == 2
+        acc = PooledIoU()
+        for stem in ("01", "02"):
+            pred = load_mask(out / "masks" / obj / f"{stem}.png")
+            gt = load_mask(perseg / "Annotations" / obj / f"{stem}.png")
+            acc.add(pred, gt)
+            assert (out / "overlays" / obj / f"{stem}.jpg").is_file()
+        assert not (out / "masks" / obj / "00.png").exists()
+        assert c["iou"] == pytest.approx(100 * acc.iou)
+        assert c["biou"] == pytest.approx(100 * acc.biou)
+        means.append(100 * acc.iou)
+    assert metrics["overall"]["mIoU"] == pytest.approx(sum(means) / 2)
+    table = (out / "metrics.md").read_text()
+    assert "| duck | 2 |" in table and "**mean**" in table
+
+
+def test_reference_is_chosen_by_stem_not_substring(perseg, tiny_sam_checkpoint, tmp_path):
+    # "100"-like stems must not be mistaken for the reference "00" (the published script's substring bug).
+    for obj in ("duck", "red_can"):
+        for folder, ext in (("Images", "jpg"), ("Annotations", "png")):
+            (perseg / folder / obj / f"02.{ext}").rename(perseg / folder / obj / f"100.{ext}")
+    objects = discover_perseg(perseg, "00")
+    assert [t[0] for t in objects[0].tests] == ["01", "100"]
+    out = tmp_path / "eval"
+    assert _run(perseg, tiny_sam_checkpoint, out, "--ref", "01") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["name"] for r in metrics["classes"]["duck"]["per_image"]] == ["00", "100"]
+
+
+def test_bad_inputs_fail_before_writing(perseg, tiny_sam_checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert _run(perseg, tiny_sam_checkpoint, out, "--ref", "07") == 2
+    assert "`--ref` '07'" in capsys.readouterr().err
+    assert not out.exists()
+    (perseg / "Annotations" / "duck" / "01.png").unlink()
+    assert _run(perseg, tiny_sam_checkpoint, out) == 2
+    assert "has no annotation with stem '01'" in capsys.readouterr().err
+    assert not out.exists()
+    assert _run(tmp_path / "nowhere", tiny_sam_checkpoint, out) == 2
+    assert "`--data` folder" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (perseg / "Annotations" / "duck" / "01.png").write_bytes(b"")  # restore a (broken) file for layout checks
+    assert _run(perseg, tiny_sam_checkpoint, afile) == 2
+    assert "`--output` must be a folder" in capsys.readouterr().err
+
+
+def test_missing_layout_folder_is_named(tmp_path, tiny_sam_checkpoint, capsys):
+    (tmp_path / "d" / "Images" / "x").mkdir(parents=True)
+    assert _run(tmp_path / "d", tiny_sam_checkpoint, tmp_path / "o") == 2
+    assert "Annotations" in capsys.readouterr().err

@@ -1,0 +1,140 @@
+"""metrics.md, the bar chart and report.html: content, and every image the page references decodes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import tiny
+from PIL import Image
+
+from persam_dreambooth.evaluation.report import bar_chart_png, format_value, metrics_markdown
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with tiny.torch_threads(1):
+        yield
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.links, self.headings, self.text = [], [], [], []
+        self._in_heading = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.imgs.append(attrs)
+        elif tag == "a" and "href" in attrs:
+            self.links.append(attrs["href"])
+        elif tag in ("h1", "h2", "h3"):
+            self._in_heading = tag
+            self.headings.append([tag, ""])
+
+    def handle_endtag(self, tag):
+        if tag == self._in_heading:
+            self._in_heading = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._in_heading:
+            self.headings[-1][1] += data
+
+
+def _decode(src: str, root: Path) -> Image.Image:
+    if src.startswith("data:"):
+        header, payload = src.split(",", 1)
+        assert header in ("data:image/png;base64", "data:image/jpeg;base64"), header
+        im = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+    else:
+        im = Image.open(root / src)
+    im.load()
+    return im
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return tiny.tiny_compare_report(tmp_path_factory.getbasetemp() / "shared-compare")
+
+
+def test_html_parses_and_every_image_decodes(report):
+    page = _Collector()
+    page.feed((report / "report.html").read_text(encoding="utf-8"))
+    page.close()
+    # chart + 3 side-by-side grids + PerSAM reference + the masked run's training masks
+    assert len(page.imgs) == 6
+    for img in page.imgs:
+        im = _decode(img["src"], report)
+        assert im.width > 0 and im.height > 0 and img.get("alt")
+    assert page.imgs[0]["alt"] == "bar chart of the metrics"  # the chart comes first
+    assert _decode(page.imgs[0]["src"], report).size == (1100, 380)
+    for href in page.links:  # full-size grids, relative to the report
+        assert not href.startswith(("http:", "https:", "/")), href
+        _decode(href, report)
+    titles = [t for _, t in page.headings]
+    assert titles[:3] == ["DreamBooth comparison: sks dog", "Metrics", "recontextualization (2 prompts)"]
+    assert {"Side by side", "Masks", "Training masks of masked", "Training masks of vanilla", "Run configs",
+            "Definitions"} <= set(titles)
+    text = " ".join(page.text)
+    assert "mask_source: persam" in text and "mask_source: none" in text  # each run's resolved config
+    assert "No masks/masks_grid.jpg in this run (mask_source: none)" in text
+    assert "p000: a sks dog on the beach" in text
+
+
+def test_html_is_self_contained(report):
+    html = (report / "report.html").read_text(encoding="utf-8")
+    assert "<script src" not in html and "<link" not in html and "http://" not in html and "https://" not in html
+
+
+def _metrics(**base_over):
+    overall = {"dino": 0.5, "clip_i": 0.7, "clip_t": 0.25, "masked_dino": 0.6, "background_leakage": 0.4,
+               "subject_found_rate": 1.0}
+    run = lambda **o: {"overall": {**overall, **o}, "groups": {"property": {**overall, **o}},  # noqa: E731
+                       "prompts": [{"index": 0, "prompt": "a red sks dog", "group": "property"}], "path": "out/m",
+                       "mask_source": "persam"}
+    return {
+        "settings": {"identifier": "sks", "class_noun": "dog", "prompt_set": "/x/my_prompts.txt",
+                     "pretrained_model_name_or_path": "sd", "num_images_per_prompt": 4, "seed": 10,
+                     "num_inference_steps": 30, "guidance_scale": 7.5, "width": 512, "height": 512},
+        "models": {"dino": "facebook/dino-vits16", "clip": "openai/clip-vit-base-patch32", "sam": None},
+        "definitions": {"dino": "mean cosine", "real_images": "among the real images"},
+        "real_images": {"dino": 0.8, "clip_i": 0.9, "clip_t": None, "masked_dino": None, "background_leakage": 0.3},
+        "runs": {"base": run(**base_over), "masked": run(dino=0.6523, background_leakage=0.4001, masked_dino=None)},
+    }
+
+
+def test_markdown_tables_and_deltas():
+    md = metrics_markdown(_metrics())
+    assert md.startswith("# DreamBooth comparison: sks dog (my_prompts.txt prompts)")
+    assert "1 prompt x 4 images, seeds 10..13 (identical for every run)" in md
+    assert "| base | 0.500 | 0.700 | 0.250 | 0.600 | 0.400 | 100% |" in md
+    assert "| masked | 0.652 (+0.152) | 0.700 (±0.000) | 0.250 (±0.000) | n/a | 0.400 (±0.000) | 100% |" in md
+    assert "| real images | 0.800 | 0.900 | n/a | n/a | 0.300 | n/a |" in md  # no deltas on the real row
+    assert "## property (1 prompt)" in md and "## Run masked (`out/m`, mask_source: persam)" in md
+    assert "- **real images**: among the real images." in md
+
+
+def test_format_value():
+    assert format_value(None) == "n/a" and format_value(0.12345) == "0.123"
+    assert format_value(0.5, 0.25) == "0.500 (+0.250)" and format_value(0.25, 0.5) == "0.250 (-0.250)"
+    assert format_value(0.5, 0.50004) == "0.500 (±0.000)"
+
+
+def test_bar_chart_skips_missing_metrics():
+    m = _metrics()
+    for run in m["runs"].values():
+        run["overall"]["masked_dino"] = None
+    im = Image.open(io.BytesIO(bar_chart_png(m)))
+    im.load()
+    assert im.format == "PNG" and im.size == (1100, 380)
+
+
+def test_metrics_json_matches_markdown(report):
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics_markdown(metrics) == (report / "metrics.md").read_text(encoding="utf-8")

@@ -1,0 +1,25 @@
+"""Data for the script tests (the trainer's fixtures live in tests/training/conftest.py)."""
+
+import numpy as np
+import pytest
+import tiny
+from PIL import Image
+
+
+@pytest.fixture
+def script_data(tmp_path):
+    masks = tiny.write_instance_dir(tmp_path / "instance", n=2)
+    (tmp_path / "masks").mkdir()
+    for stem, mask in masks.items():
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "masks" / f"{stem}.png")
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

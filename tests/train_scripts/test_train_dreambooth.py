@@ -1,0 +1,88 @@
+"""``train_scripts/train_dreambooth.py`` in-process and through ``accelerate launch``; ``persam-dreambooth train``."""
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "train_scripts" / "train_dreambooth.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_dreambooth_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flags(tiny_sd_dir, data, out):
+    return ["--pretrained_model_name_or_path", str(tiny_sd_dir), "--instance_data_dir", str(data / "instance"),
+            "--mask_dir", str(data / "masks"), "--instance_prompt", "a photo of sks dog", "--output_dir", str(out),
+            "--resolution", "32", "--max_train_steps", "2", "--report_to", "none", "--seed", "0"]
+
+
+def test_script_in_process_with_config_file_and_flag_overrides(tiny_sd_dir, script_data):
+    config = script_data / "run.yaml"
+    config.write_text(yaml.safe_dump({"pretrained_model_name_or_path": str(tiny_sd_dir), "rank": 2,
+                                      "learning_rate": 1e-3, "max_train_steps": 5}))
+    out = script_data / "out"
+    rc = _script().main(["--config", str(config), *_flags(tiny_sd_dir, script_data, out)[2:], "--rank", "3"])
+    assert rc == 0
+    resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
+    assert resolved["rank"] == 3 and resolved["learning_rate"] == 1e-3 and resolved["max_train_steps"] == 2
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_script_errors(tiny_sd_dir, script_data, capsys):
+    bad = script_data / "bad.yaml"
+    bad.write_text("learnig_rate: 1.0e-4\n")
+    with pytest.raises(SystemExit):
+        _script().main(["--config", str(bad), *_flags(tiny_sd_dir, script_data, script_data / "o")])
+    assert "Unknown config key `learnig_rate`" in capsys.readouterr().err
+    rc = _script().main([*_flags(tiny_sd_dir, script_data, script_data / "o"), "--resolution", "31"])
+    assert rc == 2 and "multiple of the VAE's scale factor" in capsys.readouterr().err
+    assert not (script_data / "o").exists()
+
+
+def test_cli_train_subcommand(tiny_sd_dir, script_data):
+    from persam_dreambooth.cli import train as cli_train
+
+    parser = argparse.ArgumentParser()
+    cli_train.register(parser.add_subparsers())
+    args = parser.parse_args(["train", *_flags(tiny_sd_dir, script_data, script_data / "cli"), "--mask_source",
+                              "dir"])
+    assert args.func(args) == 0
+    assert (script_data / "cli" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.launch
+def test_accelerate_launch_produces_loadable_lora(tiny_sd_dir, script_data, tmp_path):
+    from accelerate.utils import write_basic_config
+    from diffusers import StableDiffusionPipeline
+
+    accelerate_config = tmp_path / "accelerate.json"
+    write_basic_config(save_location=str(accelerate_config))
+    out = script_data / "launched"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+           "--num_cpu_threads_per_process", "1", str(SCRIPT), *_flags(tiny_sd_dir, script_data, out),
+           "--learning_rate", "1e-2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "config.resolved.yaml").is_file() and (out / "masks" / "masks.json").is_file()
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    sample = lambda: pipe("a photo of sks dog", num_inference_steps=2, output_type="np",  # noqa: E731
+                          generator=torch.Generator().manual_seed(0)).images
+    before = sample()
+    pipe.load_lora_weights(out)
+    assert np.abs(sample() - before).max() > 1e-5
