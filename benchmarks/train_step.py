@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -45,8 +46,9 @@ from persam_dreambooth.training.components import BaseModelInfo, Components  # n
 from persam_dreambooth.training.dataset import collate_examples  # noqa: E402
 from persam_dreambooth.training.setup import build_dataset, cache_latents, make_optimizer, prepare_models  # noqa: E402
 from persam_dreambooth.training.step import StepModels, encode_prompt, tokenize_prompt, training_step  # noqa: E402
+from persam_dreambooth.utils.io import atomic_write_json  # noqa: E402
 
-# Stable Diffusion 1.5 architectures (runwayml/stable-diffusion-v1-5 configs), random weights.
+# Stable Diffusion 1.5 architectures (stable-diffusion-v1-5/stable-diffusion-v1-5 configs), random weights.
 SD15_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
     "block_out_channels": (320, 640, 1280, 1280),
@@ -305,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['variant']:8} {str(r['cached_latents']):6} {r['sec_per_step']:9.4f} {r['steps_per_sec']:8.2f} "  # noqa: T201
               f"{over:>8} {r['peak_mem_mb']:9.0f} {r['finite_loss']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"setup": header, "results": results}, indent=2), encoding="utf-8")
+        atomic_write_json(args.json, {"setup": header, "results": results})
+    shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

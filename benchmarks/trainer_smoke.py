@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ sys.path.insert(0, str(HERE))
 from train_step import build_components, write_data  # noqa: E402
 
 from persam_dreambooth.training import TrainConfig, train  # noqa: E402
+from persam_dreambooth.utils.io import atomic_write_json  # noqa: E402
 
 
 def save_pipeline(model: str, folder: Path) -> Path:
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result, indent=2))  # noqa: T201 - benchmark output
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        atomic_write_json(args.json, result)
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -71,7 +71,8 @@ def write_tiny_clip_tokenizer(folder: str | Path) -> Path:
     """Write ``vocab.json`` + ``merges.txt`` of a 78-token CLIP BPE tokenizer into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokens = ["<|startoftext|>", "<|endoftext|>", *_CHARS, *[c + "</w>" for c in _CHARS], "sk", "sks</w>", "do", "dog</w>"]
+    merged = ["sk", "sks</w>", "do", "dog</w>"]  # every merge result must be in the vocab (transformers 5)
+    tokens = ["<|startoftext|>", "<|endoftext|>", *_CHARS, *[c + "</w>" for c in _CHARS], *merged]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in _MERGES) + "\n",
@@ -127,9 +128,9 @@ def tiny_text_encoder(tokenizer):
 
 def save_tiny_sd(folder: str | Path) -> Path:
     """Build a tiny StableDiffusionPipeline and ``save_pretrained`` it into ``folder`` (about 0.2 MB)."""
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
-
     import tempfile
+
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as tok_dir:
@@ -333,16 +334,26 @@ def tiny_compare_report(root: str | Path) -> Path:
     return out
 
 
-class torch_threads:  # noqa: N801 - used like a function: ``with tiny.torch_threads(1): ...``
-    """Run a block with ``torch.set_num_threads(n)``, then restore. Tiny models are dominated by per-op overhead;
-    on a shared 2-core machine, 2 intra-op threads contend with other processes and run up to ~10x slower than 1."""
+# ------------------------------------------------------------------------- generation and evaluation (issue 5, 3)
+LONG_RUN_NAME = "masked_rank8_lr1e-4_persam_f_dilate4"
 
-    def __init__(self, n: int = 1) -> None:
-        self.n, self.before = n, None
 
-    def __enter__(self) -> None:
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
+def tiny_compare_report_many_runs(root: str | Path) -> Path:
+    """``compare`` with 4 runs, one of them with a long name (:data:`LONG_RUN_NAME`), into ``root/report-many``: how
+    the page looks with more runs than the usual two. Reuses :func:`tiny_compare_workspace` in ``root/workspace``."""
+    from persam_dreambooth.evaluation.compare import compare
 
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self.before)
+    root = Path(root)
+    ws = tiny_compare_workspace(root / "workspace")
+    out = root / "report-many"
+    if not (out / "report.html").is_file():
+        extra = {}
+        for name, seed in ((LONG_RUN_NAME, 5), ("masked_lr5e-5", 6)):
+            folder = root / "extra-runs" / name
+            if not (folder / "pytorch_lora_weights.safetensors").is_file():
+                save_tiny_lora_run(folder, ws["sd"], seed=seed,
+                                   config={"instance_prompt": "a photo of sks dog", "mask_source": "persam_f"})
+            extra[name] = str(folder)
+        runs = {"masked": str(ws["masked"]), "vanilla": str(ws["vanilla"]), **extra}
+        compare(progress=False, **tiny_compare_kwargs(ws, out, runs=runs))
+    return out

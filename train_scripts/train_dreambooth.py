@@ -1,9 +1,9 @@
 """Masked DreamBooth training, launched with accelerate.
 
     accelerate launch train_scripts/train_dreambooth.py \
-        --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --instance_data_dir photos/ --instance_prompt "a photo of sks dog" \
-        --reference_image photos/dog1.jpg --reference_box 40 30 400 380 --output_dir out/
+        --reference_image photos/dog1.jpg --reference_box 40,30,400,380 --output_dir out/
 
     accelerate launch train_scripts/train_dreambooth.py --config configs/dreambooth_lora.yaml --max_train_steps 800
 
@@ -32,13 +32,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except (ConfigError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    from persam_dreambooth.training import train
+    from persam_dreambooth.training import TrainingDivergedError, train
 
     try:
         output_dir = train(config)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         print(f"train_dreambooth.py: error: {exc}", file=sys.stderr)  # noqa: T201 - script boundary
         return 2
+    except TrainingDivergedError as exc:  # the checkpoints saved before the bad step are kept
+        print(f"train_dreambooth.py: error: {exc}", file=sys.stderr)  # noqa: T201 - script boundary
+        return 1
     logging.getLogger("train_dreambooth").info("Done: %s", output_dir)
     return 0
 

@@ -38,8 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--background-metrics", dest="background_metrics",
                         action=argparse.BooleanOptionalAction, default=True,
                         help="masked DINO and background leakage (needs SAM; default: on)")
-    _flag(parser, "sam_model_type", default=None,
-          help="SAM architecture for PerSAM (default: vit_h; with --train: the training config's)")
+    # --sam-model as in `segment` and `eval-perseg`; --sam-model-type / --sam_model_type (the training config's
+    # key) are accepted too.
+    parser.add_argument("--sam-model", "--sam-model-type", "--sam_model_type", dest="sam_model_type", default=None,
+                        metavar="TYPE",
+                        help="SAM model type for PerSAM: vit_h, vit_l, vit_b (default: vit_h; with --train: the "
+                        "training config's sam_model_type)")
     _flag(parser, "sam_checkpoint", default=None,
           help="SAM checkpoint file (default: the cached official one; with --train: the training config's)")
     _flag(parser, "reference_image", default=None, help="PerSAM reference image (default: first instance image)")

@@ -24,9 +24,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "eval-perseg",
         help="evaluate PerSAM / PerSAM-F on a PerSeg-layout dataset (mIoU, bIoU)",
         description="For every object folder (Images/<obj>/NN.jpg, Annotations/<obj>/NN.png) use the image with "
-        "stem --ref as the reference and segment the others. Writes metrics.json, metrics.md, masks/ and overlays/.",
+        "stem --ref as the reference and segment the others. Writes metrics.json, metrics.md, masks/ and "
+        "overlays/.",
     )
-    parser.add_argument("--data", required=True, metavar="DIR", help="PerSeg-layout root (holds Images/, Annotations/)")
+    parser.add_argument("--data", required=True, metavar="DIR",
+                        help="PerSeg-layout root (holds Images/, Annotations/)")
     parser.add_argument("--method", choices=METHODS, default="persam", help="segmenter (default: persam)")
     parser.add_argument("--ref", default="00", metavar="STEM", help="file stem of the reference image (default: 00)")
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder (created if missing)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 __all__ = ["register", "run"]
 
@@ -66,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, height=args.height, width=args.width, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype,
     )
-    import logging
-
     logging.getLogger(__name__).info(
         "%d image(s) generated, %d reused, in %s", result.num_generated, result.num_reused, result.output_dir
     )

@@ -191,7 +191,9 @@ def check_same_size(
         )
 
 
-def list_images(source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], arg_name: str = "images") -> list[Path]:
+def list_images(
+    source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], arg_name: str = "images"
+) -> list[Path]:
     """The image files in a folder (sorted by name, hidden files skipped), or the given files checked one by one.
 
     Raises:

@@ -276,11 +276,14 @@ def compare(config: CompareConfig | None = None, /, *, progress: bool = True, **
     plan = _prepare(cfg)
     out = ensure_output_dir(cfg.output_dir, "--output-dir")
     records = _generate_all(cfg, plan, out, progress)
+    # Everything the scores depend on besides the generated images: a change rescores every image.
     settings = {
         "dino_model": cfg.dino_model, "clip_model": cfg.clip_model,
         "sam": {"model_type": cfg.sam_model_type, "checkpoint": cfg.sam_checkpoint} if plan.reference else None,
-        "reference": plan.reference, "instance_images": [str(p.resolve()) for p in plan.scorer.real.paths],
-        "instance_masks": plan.mask_source, "metric_version": 1,
+        "reference": plan.reference, "reference_fingerprint": _reference_fingerprint(plan.reference),
+        "instance_images": [str(p.resolve()) for p in plan.scorer.real.paths],
+        "instance_masks": plan.mask_source, "instance_fingerprint": plan.scorer.real.fingerprint(),
+        "metric_version": 1,
     }
     scorer = plan.scorer
     runs_out: dict[str, Any] = {}
@@ -314,9 +317,19 @@ def compare(config: CompareConfig | None = None, /, *, progress: bool = True, **
     return CompareResult(out, metrics, files)
 
 
+def _reference_fingerprint(reference: Mapping[str, str] | None) -> dict[str, str] | None:
+    """Short SHA-256 digests of the PerSAM reference image and mask files (``None`` without a reference)."""
+    if reference is None:
+        return None
+    from persam_dreambooth.segmentation.sam import file_sha256
+
+    return {role: file_sha256(path)[:16] for role, path in reference.items()}
+
+
 def _definitions() -> dict[str, str]:
     return {
-        "dino": "mean cosine over all (generated, real) pairs of DINO CLS embeddings (DreamBooth §4.1)",
+        "dino": "mean cosine over all (generated, real) pairs of DINO CLS embeddings (the CLS token after the final "
+                "layer norm, last_hidden_state[:, 0], not the ViT pooler) (DreamBooth §4.1)",
         "clip_i": "mean cosine over all (generated, real) pairs of CLIP image embeddings (DreamBooth §4.1)",
         "clip_t": "mean cosine between the CLIP embedding of the prompt text and of the generated image; the text is "
                   "the prompt template filled with the class noun only (identifier removed: 'a sks dog on the "

@@ -3,7 +3,10 @@
 Each model is used the way DreamBooth's metrics need it:
 
 * DINO: ``ViTModel`` (any ``AutoModel`` works) and the model's own image processor; the embedding is the CLS token
-  of the last hidden state (after the final layer norm), as in DINO's own ``forward``.
+  of the last hidden state (after the final layer norm), ``last_hidden_state[:, 0]``, which is what DINO's own
+  ``VisionTransformer.forward`` returns. Not ``pooler_output``: for ``ViTModel`` that adds a dense + tanh layer that
+  DINO never had (``facebook/dino-vits16`` ships no pooler weights, so transformers would initialise it at random).
+  A ViT is therefore loaded with ``add_pooling_layer=False``.
 * CLIP: ``CLIPModel.get_image_features`` / ``get_text_features`` (the projected embeddings) with the model's
   ``CLIPProcessor``; texts longer than the text encoder's 77 tokens are truncated.
 
@@ -21,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from persam_dreambooth.generation.pipeline import offline_hint
+
 __all__ = ["DEFAULT_DINO", "DEFAULT_CLIP", "MetricModelError", "DinoEmbedder", "ClipEmbedder"]
 
 logger = logging.getLogger(__name__)
@@ -34,19 +39,11 @@ class MetricModelError(RuntimeError):
 
 
 def _load_error(kind: str, flag: str, model_id: str, exc: Exception) -> MetricModelError:
-    offline = " (HF_HUB_OFFLINE is set: only models already in the cache can be used)" if _offline() else ""
     first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
     return MetricModelError(
-        f"Could not load the {kind} model `{flag} {model_id}`{offline}: {first}. Download it on a machine with "
-        f"internet (`hf download {model_id}`, or `huggingface-cli download {model_id}` with older huggingface_hub) "
-        f"or pass a local folder holding the model and its processor files: `{flag} /path/to/folder`."
+        f"Could not load the {kind} model `{flag} {model_id}`: {first}. "
+        + offline_hint(model_id, flag, local="a local folder holding the model and its processor files")
     )
-
-
-def _offline() -> bool:
-    import os
-
-    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 
 
 def _check_local(flag: str, model_id: str) -> None:

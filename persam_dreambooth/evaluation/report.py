@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ from PIL import Image
 
 from persam_dreambooth.evaluation.prompts import PromptSpec
 from persam_dreambooth.evaluation.scoring import LOWER_IS_BETTER, METRIC_LABELS, METRICS
-from persam_dreambooth.generation.grids import image_grid
-from persam_dreambooth.utils.io import atomic_path, atomic_write_json, atomic_write_text
+from persam_dreambooth.utils.grids import image_grid
+from persam_dreambooth.utils.io import atomic_save_image, atomic_write, atomic_write_json, atomic_write_text
 
 __all__ = ["write_reports", "metrics_markdown", "bar_chart_png", "side_by_side", "format_value"]
 
@@ -114,8 +115,15 @@ def metrics_markdown(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_color(k: int, name: str) -> str:
+    """The base model is grey; trained runs take :data:`RUN_COLORS` in order (``k`` = position among all runs)."""
+    return BASE_COLOR if name == "base" else RUN_COLORS[(k - 1) % len(RUN_COLORS)]
+
+
 def bar_chart_png(metrics: Mapping[str, Any]) -> bytes:
-    """A grouped bar chart of the overall metrics (one group per metric, one bar per run) as PNG bytes."""
+    """The overall metrics as PNG bytes: a grouped bar chart (one group per metric, one bar per run) above a second
+    one with each trained run's difference to the base model, where masked-vs-vanilla differences are visible even
+    when every run scores around 0.7."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -123,29 +131,55 @@ def bar_chart_png(metrics: Mapping[str, Any]) -> bytes:
 
     runs = metrics["runs"]
     names = list(runs)
+    trained = [n for n in names if n != "base"]
     shown = [m for m in METRICS if any(runs[n]["overall"].get(m) is not None for n in names)]
-    fig, ax = plt.subplots(figsize=(11, 3.8), dpi=100)
+    fig, (ax, dax) = plt.subplots(2, 1, figsize=(11, 6.4), dpi=100, height_ratios=(3, 2), sharex=True)
     width = 0.8 / len(names)
+    # Value labels: upright while they fit beside each other, vertical once the bars get narrow (4+ runs).
+    crowded = len(names) > 3
+    label = {"fontsize": 7 if crowded else 8, "rotation": 90 if crowded else 0}
     for k, name in enumerate(names):
         vals = [runs[name]["overall"].get(m) for m in shown]
         xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(shown))]
-        color = BASE_COLOR if name == "base" else RUN_COLORS[(k - 1) % len(RUN_COLORS)]
-        bars = ax.bar(xs, [v or 0.0 for v in vals], width * 0.92, label=name, color=color,
+        bars = ax.bar(xs, [v or 0.0 for v in vals], width * 0.92, label=name, color=_run_color(k, name),
                       hatch="//" if name == "base" else None, edgecolor="white" if name != "base" else "#616161")
         for bar, v in zip(bars, vals, strict=True):
             ax.annotate("n/a" if v is None else f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(shown)))
-    ax.set_xticklabels([f"{METRIC_LABELS[m]} {_arrow(m)}" + ("\n(lower is better)" if m in LOWER_IS_BETTER else "")
-                        for m in shown])
-    ax.set_ylabel("cosine similarity")
-    top = max([runs[n]["overall"].get(m) or 0.0 for n in names for m in shown] + [0.1])
-    ax.set_ylim(min(0.0, *[runs[n]["overall"].get(m) or 0.0 for n in names for m in shown]), top * 1.15)
+                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", **label)
+    values = [runs[n]["overall"].get(m) or 0.0 for n in names for m in shown]
+    ax.set_ylim(min(0.0, *values), max([*values, 0.1]) * (1.3 if crowded else 1.15))
     ax.axhline(0, color="#424242", linewidth=0.6)
-    ax.legend(ncols=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
-    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_ylabel("cosine similarity")
     ax.set_title("Overall metrics (mean over all prompts and seeds)")
-    fig.tight_layout()
+    # Differences to the base model, one bar per trained run.
+    base = runs["base"]["overall"]
+    dwidth = 0.8 / max(1, len(trained))
+    deltas = []
+    for k, name in enumerate(trained):
+        vals = [None if runs[name]["overall"].get(m) is None or base.get(m) is None
+                else runs[name]["overall"][m] - base[m] for m in shown]
+        deltas += [v for v in vals if v is not None]
+        xs = [i + (k - (len(trained) - 1) / 2) * dwidth for i in range(len(shown))]
+        bars = dax.bar(xs, [v or 0.0 for v in vals], dwidth * 0.92, color=_run_color(names.index(name), name),
+                       edgecolor="white")
+        for bar, v in zip(bars, vals, strict=True):
+            up = v is None or v >= 0
+            dax.annotate("n/a" if v is None else format_delta(v), (bar.get_x() + bar.get_width() / 2, v or 0.0),
+                         xytext=(0, 2 if up else -2), textcoords="offset points", ha="center",
+                         va="bottom" if up else "top", **label)
+    span = max([abs(v) for v in deltas] + [0.005]) * (1.9 if crowded else 1.35)
+    dax.set_ylim(-span, span)  # symmetric, with room for the labels
+    dax.axhline(0, color="#424242", linewidth=0.8)
+    dax.set_ylabel("run − base")
+    dax.set_title("Difference to the base model (background leakage: lower is better)", fontsize=10)
+    dax.set_xticks(range(len(shown)))
+    dax.set_xticklabels([f"{METRIC_LABELS[m]} {_arrow(m)}" for m in shown])
+    for axis in (ax, dax):
+        axis.spines[["top", "right"]].set_visible(False)
+    legend_rows = math.ceil(len(names) / 5)
+    fig.legend(*ax.get_legend_handles_labels(), ncols=math.ceil(len(names) / legend_rows), loc="lower center",
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.045 * legend_rows, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
@@ -192,14 +226,13 @@ def write_reports(
     atomic_write_text(files["metrics_md"], metrics_markdown(metrics))
     chart = bar_chart_png(metrics)
     files["chart"] = out / "metrics.png"
-    with atomic_path(files["chart"]) as tmp:
-        tmp.write_bytes(chart)
+    with atomic_write(files["chart"], "wb") as handle:
+        handle.write(chart)
     grids = []
     for spec in prompts:
         grid = side_by_side(out / "generations", run_names, records, spec.index)
         path = out / "grids" / f"p{spec.index:03d}.jpg"
-        with atomic_path(path) as tmp:
-            grid.save(tmp, format="JPEG", quality=90)
+        atomic_save_image(grid, path, quality=90)
         grids.append(path)
         files[f"grid_p{spec.index:03d}"] = path
     files["html"] = out / "report.html"

@@ -3,7 +3,8 @@
 Top to bottom: the bar chart, the metric tables (overall and per prompt group, deltas against the base model), the
 side-by-side grids (one per prompt: a row per seed, a column per run), the PerSAM reference and each run's training
 masks, per-prompt numbers, each run's resolved config, and the metric definitions. A small script flags images that
-fail to decode (``data-images-broken`` on ``<body>`` and a visible banner).
+fail to decode (``data-images-broken`` on ``<body>`` and a visible banner) and a page wider than the window
+(``data-page-overflow``); the browser test reads both.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from PIL import Image
 
@@ -23,6 +24,7 @@ from persam_dreambooth.data.images import load_image, load_mask
 from persam_dreambooth.evaluation.prompts import PromptSpec
 from persam_dreambooth.evaluation.report import format_delta, format_value, plural, prompt_set_label, side_by_side
 from persam_dreambooth.evaluation.scoring import LOWER_IS_BETTER, METRIC_LABELS, METRICS
+from persam_dreambooth.masks.overlay import overlay_mask
 
 __all__ = ["render_html", "data_uri"]
 
@@ -36,7 +38,9 @@ padding-bottom:4px}h3{font-size:16px;margin:20px 0 8px}
 .sub{color:#616161;margin:0 0 18px}.chart{width:100%;max-width:1100px;background:#fff;border:1px solid #e0e0e0}
 table{border-collapse:collapse;background:#fff;margin:6px 0 14px;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #e0e0e0;padding:5px 10px;text-align:right;white-space:nowrap}
-th:first-child,td:first-child{text-align:left}th{background:#f5f5f5;font-weight:600}
+th:first-child,td:first-child{text-align:left;white-space:normal;overflow-wrap:break-word;max-width:360px}
+th{background:#f5f5f5;font-weight:600}th.run{white-space:normal;overflow-wrap:break-word;max-width:130px;
+text-align:center;font-weight:500;font-size:13px}.tw{overflow-x:auto;max-width:100%}td.prompt{min-width:220px}
 tr.base td{color:#616161;background:#fcfcfc}tr.real td{color:#616161;font-style:italic}
 td.best{font-weight:700;color:#1b5e20}.delta{color:#757575;font-size:12px;margin-left:4px}
 .grids{display:flex;flex-wrap:wrap;gap:18px}
@@ -55,6 +59,8 @@ window.addEventListener('load', function () {
   var broken = imgs.filter(function (im) { return !im.complete || im.naturalWidth === 0; });
   document.body.setAttribute('data-images-total', String(imgs.length));
   document.body.setAttribute('data-images-broken', String(broken.length));
+  // wider than the window means a sideways-scrolling page (wide tables scroll inside their own box instead)
+  document.body.setAttribute('data-page-overflow', String(document.documentElement.scrollWidth > window.innerWidth));
   if (broken.length) {
     var box = document.getElementById('broken');
     box.textContent = broken.length + ' image(s) failed to load.';
@@ -80,6 +86,12 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
+def _name(run: str) -> str:
+    """A run name, escaped, that may wrap after ``_ - . /`` (``masked_rank8_lr1e-4`` breaks at its parts, never
+    in the middle of a word)."""
+    return "<wbr>".join(_e(part) for part in re.split(r"(?<=[_\-./])", run))
+
+
 def _best(values: Sequence[float | None], metric: str) -> float | None:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -90,7 +102,7 @@ def _best(values: Sequence[float | None], metric: str) -> float | None:
 def _table(rows: Sequence[tuple[str, Mapping[str, Any], str]], base: Mapping[str, Any] | None) -> str:
     """rows: (label, values, css class); the best trained-run value per column is bold; deltas vs ``base``."""
     head = "".join(f"<th>{_e(METRIC_LABELS[m])} {'↓' if m in LOWER_IS_BETTER else '↑'}</th>" for m in METRICS)
-    out = [f"<table><thead><tr><th>run</th>{head}<th>subject found</th></tr></thead><tbody>"]
+    out = [f'<div class="tw"><table><thead><tr><th>run</th>{head}<th>subject found</th></tr></thead><tbody>']
     trained = [vals for _, vals, css in rows if css == ""]
     best = {m: _best([v.get(m) for v in trained], m) for m in METRICS}
     for label, vals, css in rows:
@@ -100,21 +112,21 @@ def _table(rows: Sequence[tuple[str, Mapping[str, Any], str]], base: Mapping[str
             text = format_value(v)
             if base is not None and css == "" and v is not None and base.get(m) is not None:
                 text += f'<span class="delta">({format_delta(v - base[m])})</span>'
-            cls = ' class="best"' if css == "" and v is not None and v == best[m] and len(trained) > 1 else ""
+            # compared as shown (3 decimals), so runs that tie on the page are all bold
+            is_best = v is not None and best[m] is not None and format_value(v) == format_value(best[m])
+            cls = ' class="best"' if css == "" and is_best and len(trained) > 1 else ""
             cells.append(f"<td{cls}>{text}</td>")
         rate = vals.get("subject_found_rate")
         cells.append(f"<td>{'n/a' if rate is None else f'{100 * rate:.0f}%'}</td>")
-        out.append(f'<tr class="{css}"><td>{_e(label)}</td>{"".join(cells)}</tr>')
-    out.append("</tbody></table>")
+        out.append(f'<tr class="{css}"><td>{_name(label)}</td>{"".join(cells)}</tr>')
+    out.append("</tbody></table></div>")
     return "".join(out)
 
 
 def _reference_figure(reference: Mapping[str, str]) -> str:
     image = load_image(reference["image"], "reference image")
     mask = load_mask(reference["mask"], "reference mask")
-    tinted = image.astype(np.float32)
-    tinted[mask] = 0.55 * tinted[mask] + 0.45 * np.array([230, 30, 30], dtype=np.float32)
-    thumb = Image.fromarray(tinted.astype(np.uint8))
+    thumb = Image.fromarray(overlay_mask(image, mask))
     scale = 320 / max(thumb.size)  # small images are enlarged too, so the mask stays visible
     thumb = thumb.resize((max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale))),
                          Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST)
@@ -187,8 +199,11 @@ def render_html(
         else:
             source = run_configs.get(name, {}).get("mask_source")
             parts.append(f'<p class="note">No masks/masks_grid.jpg in this run (mask_source: {_e(source)}).</p>')
-    parts.append("<h2>Per prompt</h2><details><summary>DINO / CLIP-T / background leakage per prompt</summary>")
-    parts.append(_per_prompt_table(metrics, names))
+    shown = [m for m in ("dino", "clip_t", "background_leakage")
+             if any(runs[n]["overall"].get(m) is not None for n in names)]
+    parts.append(f"<h2>Per prompt</h2><details><summary>{' / '.join(METRIC_LABELS[m] for m in shown)} per prompt"
+                 "</summary>")
+    parts.append(_per_prompt_table(metrics, names, shown))
     parts.append("</details><h2>Run configs</h2>")
     for name in names:
         if name == "base":
@@ -203,14 +218,16 @@ def render_html(
     return "\n".join(parts)
 
 
-def _per_prompt_table(metrics: Mapping[str, Any], names: Sequence[str]) -> str:
-    shown = ("dino", "clip_t", "background_leakage")
-    head = "".join(f"<th>{_e(METRIC_LABELS[m])}<br>{_e(n)}</th>" for m in shown for n in names)
-    rows = [f"<table><thead><tr><th>prompt</th>{head}</tr></thead><tbody>"]
+def _per_prompt_table(metrics: Mapping[str, Any], names: Sequence[str], shown: Sequence[str]) -> str:
+    """Prompts as rows; a column group per metric in ``shown`` with one column per run (long run names wrap)."""
+    top = "".join(f'<th colspan="{len(names)}" style="text-align:center">{_e(METRIC_LABELS[m])} '
+                  f"{'↓' if m in LOWER_IS_BETTER else '↑'}</th>" for m in shown)
+    sub = "".join(f'<th class="run">{_name(n)}</th>' for _ in shown for n in names)
+    rows = [f'<div class="tw"><table><thead><tr><th rowspan="2">prompt</th>{top}</tr><tr>{sub}</tr></thead><tbody>']
     base_prompts = metrics["runs"]["base"]["prompts"]
     for k, p in enumerate(base_prompts):
         cells = "".join(f"<td>{format_value(metrics['runs'][n]['prompts'][k].get(m))}</td>"
                         for m in shown for n in names)
-        rows.append(f"<tr><td>p{p['index']:03d} {_e(p['prompt'])}</td>{cells}</tr>")
-    rows.append("</tbody></table>")
+        rows.append(f"<tr><td class=\"prompt\">p{p['index']:03d} {_e(p['prompt'])}</td>{cells}</tr>")
+    rows.append("</tbody></table></div>")
     return "".join(rows)

@@ -7,6 +7,7 @@ all (generated, real) pairs, and per-prompt and per-group numbers come for free.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -59,6 +60,14 @@ class RealImages:
     images: list[np.ndarray]
     masks: list[np.ndarray] | None = None
 
+    def fingerprint(self) -> str:
+        """A short hash of the pixels and masks: cached scores are reused only while these are unchanged."""
+        digest = hashlib.sha256()
+        for array in [*self.images, *(self.masks or [])]:
+            digest.update(f"{array.shape}{array.dtype}".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()[:16]
+
 
 def _off_diagonal_mean(sim: torch.Tensor) -> float | None:
     """Mean of a square similarity matrix without its diagonal (self-pairs); ``None`` below 2 items."""
@@ -91,8 +100,13 @@ class Scorer:
         if segmenter is not None:
             assert real.masks is not None
             crops = [subject_only(im, m) for im, m in zip(real.images, real.masks, strict=True)]
-            if any(c is None for c in crops):
-                raise ValueError("Every instance mask must have at least one subject pixel (an empty mask was given).")
+            empty = [i for i, c in enumerate(crops) if c is None]
+            if empty:
+                name = str(real.paths[empty[0]]) if empty[0] < len(real.paths) else f"#{empty[0]}"
+                raise ValueError(
+                    f"The mask of instance image {name!r} is empty: every instance mask needs at least one subject "
+                    "pixel for the background metrics (fix the mask, or pass `--no-background-metrics`)."
+                )
             self.real_subject = dino.embed(crops)  # (R, D)
             self.real_background = dino.embed(
                 [background_only(im, m) for im, m in zip(real.images, real.masks, strict=True)]
@@ -200,18 +214,17 @@ def score_run(
         keyed.append(ident)
     todo = [k for k in keyed if {kk: cache.get(k["file"], {}).get(kk) for kk in k} != k]
     if todo:
-        bar = tqdm(total=len(todo), desc=f"score {cache_path.stem}", unit="img", disable=not progress)
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start:start + chunk_size]
-            images = []
-            for k in chunk:
-                with Image.open(Path(image_root) / k["file"]) as im:
-                    images.append(np.array(im.convert("RGB")))  # a writable copy
-            for k, row in zip(chunk, scorer.score(images, [k["clip_text"] for k in chunk]), strict=True):
-                cache[k["file"]] = {**k, **row}
-            atomic_write_json(cache_path, {"settings": settings, "images": cache}, indent=1)
-            bar.update(len(chunk))
-        bar.close()
+        with tqdm(total=len(todo), desc=f"score {cache_path.stem}", unit="img", disable=not progress) as bar:
+            for start in range(0, len(todo), chunk_size):
+                chunk = todo[start:start + chunk_size]
+                images = []
+                for k in chunk:
+                    with Image.open(Path(image_root) / k["file"]) as im:
+                        images.append(np.array(im.convert("RGB")))  # a writable copy
+                for k, row in zip(chunk, scorer.score(images, [k["clip_text"] for k in chunk]), strict=True):
+                    cache[k["file"]] = {**k, **row}
+                atomic_write_json(cache_path, {"settings": settings, "images": cache}, indent=1)
+                bar.update(len(chunk))
     return [cache[k["file"]] for k in keyed]
 
 

@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 # Settings that only say where the masks come from: dropped for the vanilla run.
 _MASK_KEYS = ("mask_dir", "reference_image", "reference_mask", "reference_box", "reference_point", "mask_method")
+# Settings the trainer fills in at run time when the config leaves them null (``mixed_precision``: what accelerate
+# ran with). A finished run matches a null there whatever it recorded; an explicit value must match.
+_RESOLVED_AT_RUN_TIME = frozenset({"mixed_precision", "seed"})
 
 
 def paired_train_configs(
@@ -76,7 +79,10 @@ def _needs_training(config: TrainConfig) -> bool:
         return True
     stored = {k: v for k, v in (read_run_config(folder) or {}).items() if k != "_meta"}
     wanted = to_dict(config)
-    diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    diff = sorted(
+        k for k in set(stored) | set(wanted)
+        if stored.get(k) != wanted.get(k) and not (k in _RESOLVED_AT_RUN_TIME and wanted.get(k) is None)
+    )
     if diff:
         key = diff[0]
         raise ValueError(

@@ -13,7 +13,6 @@ from persam_dreambooth.generation.generate import (
     load_records,
     read_prompts_file,
 )
-from persam_dreambooth.generation.grids import image_grid
 from persam_dreambooth.generation.pipeline import (
     LORA_WEIGHT_NAME,
     RunWeights,
@@ -22,6 +21,7 @@ from persam_dreambooth.generation.pipeline import (
     read_base_model,
     read_run_config,
 )
+from persam_dreambooth.utils.grids import image_grid
 
 __all__ = [
     "GenerationConfig",

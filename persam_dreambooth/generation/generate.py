@@ -10,9 +10,10 @@ Output layout in ``output_dir``::
     grids/p003.jpg           # all images of prompt 3 in one grid
     generation.jsonl         # one JSON record per image: prompt, seed and every setting that made it
 
-Resuming: an image whose PNG exists, decodes and whose record in ``generation.jsonl`` has the same settings is
-skipped. Every file is written atomically, so a crash leaves either a complete PNG or none. An existing image made
-with *different* settings is an error (raised before anything is generated), never silently mixed in.
+Resuming: an image whose PNG exists, decodes and whose record in ``generation.jsonl`` has the same settings (the
+trained weights' fingerprint included, so weights retrained into the same folder are noticed) is skipped. Every file
+is written atomically, so a crash leaves either a complete PNG or none. An existing image made with *different*
+settings is an error (raised before anything is generated), never silently mixed in.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import Any, Literal
 from PIL import Image
 
 from persam_dreambooth.config import field_help, from_dict
-from persam_dreambooth.generation.grids import image_grid
 from persam_dreambooth.generation.pipeline import (
     check_image_size,
     find_run_weights,
@@ -36,7 +36,9 @@ from persam_dreambooth.generation.pipeline import (
     model_geometry,
     read_base_model,
     resolve_device,
+    weights_fingerprint,
 )
+from persam_dreambooth.utils.grids import image_grid
 from persam_dreambooth.utils.io import atomic_save_image, atomic_write_text, ensure_output_dir
 
 __all__ = ["GenerationConfig", "GenerationResult", "generate", "image_name", "read_prompts_file", "load_records"]
@@ -47,7 +49,7 @@ RECORDS_NAME = "generation.jsonl"
 # Settings that decide an image's pixels: an existing image is reused only when all of them match.
 IDENTITY_KEYS = (
     "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width",
-    "pretrained_model_name_or_path", "lora", "lora_scale", "model", "dtype",
+    "pretrained_model_name_or_path", "lora", "lora_scale", "model", "weights_fingerprint", "dtype",
 )
 
 
@@ -167,10 +169,23 @@ def _path_id(value: str | None) -> str | None:
 def _resolve(config: GenerationConfig) -> dict[str, Any]:
     """The settings recorded with every image, with the base model filled in and paths made absolute."""
     base = config.pretrained_model_name_or_path
+    fingerprint = None
     if config.model is not None:
-        find_run_weights(config.model, "--model")
+        weights = find_run_weights(config.model, "--model")
+        if weights.kind != "full":
+            raise ValueError(
+                f"`--model` folder {config.model!r} holds LoRA weights (pytorch_lora_weights.safetensors), not a "
+                "full pipeline (model_index.json); pass it as `--lora` instead."
+            )
+        fingerprint = weights_fingerprint(weights)
     elif config.lora is not None:
-        find_run_weights(config.lora, "--lora")
+        weights = find_run_weights(config.lora, "--lora")
+        if weights.kind != "lora":
+            raise ValueError(
+                f"`--lora` folder {config.lora!r} holds a full pipeline (model_index.json), not LoRA weights; pass it "
+                "as `--model` instead."
+            )
+        fingerprint = weights_fingerprint(weights)
         trained_on = read_base_model(config.lora)
         if base is not None and trained_on is not None and _path_id(trained_on) != _path_id(base):
             logger.warning("The LoRA in %s was trained on %s, not on --pretrained_model_name_or_path %s",
@@ -193,6 +208,7 @@ def _resolve(config: GenerationConfig) -> dict[str, Any]:
         "lora": _path_id(config.lora),
         "lora_scale": config.lora_scale if config.lora is not None else None,
         "model": _path_id(config.model),
+        "weights_fingerprint": fingerprint,
         "dtype": config.dtype,
     }
 
@@ -209,7 +225,7 @@ def generate(
 
     Call it with a :class:`GenerationConfig` or with its fields as keywords::
 
-        generate(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5", lora="out/masked",
+        generate(pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5", lora="out/masked",
                  prompts=["a sks dog on the beach"], num_images=4, seed=0, output_dir="gen")
 
     Args:
@@ -328,7 +344,8 @@ def _run(
 
 
 def _write_grids(out: Path, config: GenerationConfig, jobs: Sequence[dict[str, Any]]) -> list[Path]:
-    """One grid per prompt (up to 4 images a row), labelled with the seeds."""
+    """One grid per prompt (up to 4 images a row), labelled with the seeds (one row: above each image; several
+    rows: the seed range left of each row)."""
     cols = min(4, config.num_images)
     grids = []
     for p_idx in range(len(config.prompts)):
@@ -338,8 +355,11 @@ def _write_grids(out: Path, config: GenerationConfig, jobs: Sequence[dict[str, A
             with Image.open(out / rec["file"]) as im:
                 images.append(im.convert("RGB"))
         rows = [images[k:k + cols] for k in range(0, len(images), cols)]
-        labels = [f"seed {r['seed']}" for r in recs[:cols]] if len(rows) == 1 else None
-        grid = image_grid(rows, col_labels=labels)
+        seeds = [[r["seed"] for r in recs[k:k + cols]] for k in range(0, len(recs), cols)]
+        if len(rows) == 1:
+            grid = image_grid(rows, col_labels=[f"seed {s}" for s in seeds[0]])
+        else:
+            grid = image_grid(rows, row_labels=[f"seeds {s[0]}-{s[-1]}" for s in seeds])
         path = out / "grids" / f"p{p_idx:03d}.jpg"
         atomic_save_image(grid, path, quality=90)
         grids.append(path)

@@ -8,6 +8,8 @@ which, and fails with a clear message when it holds neither (for example a run t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -21,6 +23,7 @@ __all__ = [
     "LORA_WEIGHT_NAME",
     "RunWeights",
     "find_run_weights",
+    "weights_fingerprint",
     "read_run_config",
     "read_base_model",
     "resolve_device",
@@ -69,6 +72,29 @@ def find_run_weights(folder: str | os.PathLike[str], arg_name: str = "--lora") -
     )
 
 
+def weights_fingerprint(weights: RunWeights) -> str:
+    """A short id of the trained weights, recorded with every generated image so a rerun notices retrained weights.
+
+    LoRA: the SHA-256 of the weight file (a few MB). Full pipeline: the names, sizes and modification times of its
+    weight files (hashing gigabytes on every rerun would be slow), so copying the folder without keeping the times
+    counts as a change too.
+    """
+    if weights.kind == "lora":
+        from persam_dreambooth.segmentation.sam import file_sha256
+
+        return "sha256:" + file_sha256(weights.path / LORA_WEIGHT_NAME)[:16]
+    # Only the pipeline's components (model_index.json keys such as unet/, text_encoder/), not checkpoint-N/ folders
+    # that a training run may prune later.
+    index = json.loads((weights.path / "model_index.json").read_text(encoding="utf-8"))
+    components = sorted(k for k in index if not k.startswith("_") and (weights.path / k).is_dir())
+    digest = hashlib.sha256()
+    for path in sorted(p for c in components for p in (weights.path / c).rglob("*")):
+        if path.is_file() and path.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pth"):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(weights.path).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return "files:" + digest.hexdigest()[:16]
+
+
 def read_run_config(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The trainer's ``config.resolved.yaml`` in ``folder`` as a dict, or ``None`` when there is none."""
     path = Path(folder) / RUN_CONFIG_NAME
@@ -114,13 +140,19 @@ def resolve_dtype(dtype: str) -> Any:
     return getattr(torch, dtype)
 
 
-def offline_hint(model_id: str, flag: str) -> str:
-    """How to get ``model_id`` onto a machine without Hub access (appended to loading errors)."""
+def offline_hint(model_id: str, flag: str, local: str = "a local folder") -> str:
+    """How to get ``model_id`` onto a machine without Hub access (appended to loading errors).
+
+    Args:
+        model_id: the Hub id (or path) that failed to load.
+        flag: the CLI flag it came from.
+        local: what the local folder must hold, e.g. "a local folder holding the model and its processor files".
+    """
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     return (
         ("HF_HUB_OFFLINE is set, so only already-downloaded models can be used. " if offline else "")
         + f"Download it first on a machine with internet (`hf download {model_id}`, or `huggingface-cli download "
-        f"{model_id}` with older huggingface_hub) into the Hugging Face cache, or pass a local folder: "
+        f"{model_id}` with older huggingface_hub) into the Hugging Face cache, or pass {local}: "
         f"`{flag} /path/to/model`."
     )
 

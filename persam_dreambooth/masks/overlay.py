@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from persam_dreambooth.utils.grids import tile_grid
 
 __all__ = ["overlay_mask", "masks_grid"]
 
@@ -34,20 +35,9 @@ def masks_grid(
     images: Sequence[np.ndarray], masks: Sequence[np.ndarray], labels: Sequence[str] | None = None,
     tile: int = 256, cols: int | None = None,
 ) -> Image.Image:
-    """Thumbnails (longer side ``tile``) of each image with its mask overlaid, in a near-square grid with labels."""
+    """Each image with its mask overlaid, scaled to ``tile`` px (longer side), in a near-square grid with labels."""
     if len(images) != len(masks) or not images:
         raise ValueError(f"need as many masks as images (>= 1), got {len(images)} images and {len(masks)} masks.")
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    label_h = 14 if labels else 0
-    sheet = Image.new("RGB", (cols * tile, rows * (tile + label_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
-        thumb = Image.fromarray(overlay_mask(image, mask))
-        thumb.thumbnail((tile, tile), Image.Resampling.BILINEAR)
-        row, col = divmod(i, cols)
-        x0, y0 = col * tile, row * (tile + label_h)
-        sheet.paste(thumb, (x0 + (tile - thumb.width) // 2, y0 + (tile - thumb.height) // 2))
-        if labels:
-            draw.text((x0 + 2, y0 + tile), str(labels[i])[:40], fill=(0, 0, 0))
-    return sheet
+    overlays = [Image.fromarray(overlay_mask(image, mask)) for image, mask in zip(images, masks, strict=True)]
+    captions = [str(label) for label in labels] if labels is not None else None
+    return tile_grid(overlays, cols=cols, captions=captions, tile_size=tile)

@@ -8,7 +8,7 @@ modeling/transformer.py``) changes the decoder in two places, both reproduced he
   get the location prior added *after* the softmax, followed by a second softmax over the keys::
 
       A  = softmax(Q K^T / sqrt(d))          # (B, heads, N_tokens, N_image)
-      A' = softmax(A + attn_sim)             # attn_sim: (1, 1, 1, N_image), broadcast over batch, heads, tokens
+      A' = softmax(A + attn_sim)             # attn_sim: (1 or B, 1, 1, N_image), broadcast over heads, tokens
 
 * **Target-semantic prompting** (:class:`GuidedTwoWayTransformer`): with ``T`` the decoder tokens and ``t`` the
   target embedding ``(1, 1, C)``::
@@ -45,8 +45,9 @@ class GuidedAttention(Attention):
 
         Args:
             q: queries ``(B, N_q, C)``; k, v: keys and values ``(B, N_k, C)``.
-            attn_sim: ``(1, 1, 1, N_k)`` (or broadcastable to ``(B, heads, N_q, N_k)``) bias added to the
-                post-softmax attention, which is then soft-maxed again. ``None``: SAM's attention, unchanged.
+            attn_sim: ``(1, 1, 1, N_k)``, or ``(B, 1, 1, N_k)`` with one prior per batch element (a batch across
+                images), broadcast to ``(B, heads, N_q, N_k)``; added to the post-softmax attention, which is then
+                soft-maxed again. ``None``: SAM's attention, unchanged.
 
         Returns:
             ``(B, N_q, C)``.
@@ -93,7 +94,8 @@ class GuidedTwoWayAttentionBlock(TwoWayAttentionBlock):
     ) -> tuple[Tensor, Tensor]:
         """One block: token self-attention, token -> image (guided), MLP, image -> token.
 
-        Shapes: queries/query_pe ``(B, N_tokens, C)``; keys/key_pe ``(B, h*w, C)``; attn_sim ``(1, 1, 1, h*w)``.
+        Shapes: queries/query_pe ``(B, N_tokens, C)``; keys/key_pe ``(B, h*w, C)``; attn_sim ``(1, 1, 1, h*w)`` or
+        ``(B, 1, 1, h*w)``.
         """
         # 1. self-attention of the tokens (block 0 skips the positional encoding and the residual, as in SAM)
         if self.skip_first_layer_pe:
@@ -154,7 +156,8 @@ class GuidedTwoWayTransformer(TwoWayTransformer):
         Args:
             image_embedding: ``(B, C, h, w)``; image_pe: the same shape.
             point_embedding: decoder tokens ``T`` ``(B, N_tokens, C)``.
-            attn_sim: ``(1, 1, 1, h*w)`` prior for the blocks' token -> image attention, or ``None``.
+            attn_sim: ``(1, 1, 1, h*w)`` (or ``(B, 1, 1, h*w)``, one per image) prior for the blocks' token -> image
+                attention, or ``None``.
             target_embedding: ``t`` ``(1, 1, C)`` (or broadcastable to the tokens), or ``None``.
 
         Returns:
@@ -241,8 +244,10 @@ class GuidedMaskDecoder(MaskDecoder):
     ) -> tuple[Tensor, Tensor]:
         """Predict masks; see ``MaskDecoder.forward``. Output slicing is SAM's (tokens 1..K or token 0).
 
-        Shapes: image_embeddings/image_pe ``(1, C, h, w)``; sparse ``(B, N, C)``; dense ``(B, C, h, w)``;
-        returns low-res logits ``(B, K, 4h, 4w)`` and IoU predictions ``(B, K)``, ``K = 3`` or ``1``.
+        Shapes: image_embeddings ``(1, C, h, w)`` (one image, repeated for the ``B`` prompts, as SAM) or ``(B, C, h,
+        w)`` (one image per prompt: a batch across images); image_pe ``(1, C, h, w)``; sparse ``(B, N, C)``; dense
+        ``(B, C, h, w)``; attn_sim ``(1, 1, 1, h*w)`` or ``(B, 1, 1, h*w)`` (one prior per image); returns low-res
+        logits ``(B, K, 4h, 4w)`` and IoU predictions ``(B, K)``, ``K = 3`` or ``1``.
         """
         masks, iou_pred = self.predict_masks(
             image_embeddings=image_embeddings,
@@ -270,7 +275,15 @@ class GuidedMaskDecoder(MaskDecoder):
         output_tokens = output_tokens.unsqueeze(0).expand(batch, -1, -1)  # (1 + M, C) -> (B, 1 + M, C)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)  # (B, 1 + M + N, C)
 
-        src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0)  # (1, C, h, w) -> (B, C, h, w)
+        if image_embeddings.shape[0] == 1:  # one image for all prompts: SAM's path, unchanged
+            src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0)  # (1, C, h, w) -> (B, C, h, w)
+        elif image_embeddings.shape[0] == batch:  # a batch across images, prompt i on image i
+            src = image_embeddings
+        else:
+            raise ValueError(
+                f"`image_embeddings` must have batch size 1 or {batch} (the prompts' batch), got "
+                f"{image_embeddings.shape[0]}."
+            )
         src = src + dense_prompt_embeddings
         pos_src = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)  # (B, C, h, w)
         b, c, h, w = src.shape

@@ -6,7 +6,8 @@ Points are ``(x, y)`` = (column, row) in original-image pixels, SAM's convention
 
 The functions follow ``persam_method.md`` (P5-P7, §3, Decision 3):
 
-* :func:`target_embedding` pools the reference features inside the reference cells (mean, or (max + mean)/2).
+* :func:`target_embedding` pools the reference features inside the reference cells (mean, or (max + mean)/2), over
+  one or several references.
 * :func:`similarity_map` is the cosine similarity of every grid feature with the target.
 * :func:`upscale_to_original` brings a grid map to ``(H, W)`` with SAM's mask post-processing geometry.
 * :func:`select_point_prompts` picks the top-k / bottom-k pixels as positive / negative points.
@@ -38,29 +39,46 @@ _EPS = 1e-12  # guards the L2 normalisations against an all-zero vector (never h
 
 
 def target_embedding(
-    features: Tensor, cell_mask: Tensor, pooling: Literal["mean", "max_mean"] = "mean"
+    features: Tensor | Sequence[Tensor],
+    cell_mask: Tensor | Sequence[Tensor],
+    pooling: Literal["mean", "max_mean"] = "mean",
 ) -> Tensor:
     """Pool the reference features inside the target cells into one raw (un-normalised) vector.
 
     PerSAM uses ``"mean"``; PerSAM-F and the video variants use ``"max_mean"`` = (element-wise max + mean) / 2.
 
+    Several references (sequences of features and cell masks) are pooled **over all their target cells together**:
+    the mean (and max) is taken over the union of the cells, so every target cell counts once whatever image it comes
+    from. With one reference (a tensor, or a sequence of one) the result is bit-identical to the one-shot pooling.
+
     Shapes:
-        features ``(C, h, w)``; cell_mask ``(h, w)`` bool with at least one True -> ``(C,)``.
+        features ``(C, h, w)``; cell_mask ``(h, w)`` bool with at least one True -> ``(C,)``. Or sequences of those
+        (same ``C``; each mask the shape of its features).
 
     Raises:
-        ValueError: shapes differ, the mask selects no cell, or ``pooling`` is unknown.
+        ValueError: shapes differ, a mask selects no cell, the sequences differ in length, or ``pooling`` is unknown.
     """
-    c, h, w = features.shape
-    if tuple(cell_mask.shape) != (h, w):
-        raise ValueError(f"`cell_mask` must have shape (h, w) == {(h, w)}, got {tuple(cell_mask.shape)}.")
-    if not bool(cell_mask.any()):
-        raise ValueError("`cell_mask` selects no cell; the target embedding would be the mean of an empty set.")
-    selected = features.permute(1, 2, 0)[cell_mask.to(torch.bool)]  # (C, h, w) -> (h, w, C) -> (n, C)
+    many = not isinstance(features, Tensor)
+    feats: list[Tensor] = [features] if isinstance(features, Tensor) else list(features)
+    masks: list[Tensor] = [cell_mask] if isinstance(cell_mask, Tensor) else list(cell_mask)
+    if len(feats) != len(masks) or not feats:
+        raise ValueError(f"`features` and `cell_mask` must hold the same number (>= 1) of references, got "
+                         f"{len(feats)} and {len(masks)}.")
+    selected = []
+    for i, (feat, mask) in enumerate(zip(feats, masks, strict=True)):
+        name = f"cell_mask[{i}]" if many else "cell_mask"
+        c, h, w = feat.shape
+        if tuple(mask.shape) != (h, w):
+            raise ValueError(f"`{name}` must have shape (h, w) == {(h, w)}, got {tuple(mask.shape)}.")
+        if not bool(mask.any()):
+            raise ValueError(f"`{name}` selects no cell; the target embedding would be the mean of an empty set.")
+        selected.append(feat.permute(1, 2, 0)[mask.to(torch.bool)])  # (C, h, w) -> (h, w, C) -> (n_i, C)
+    if pooling not in ("mean", "max_mean"):
+        raise ValueError(f"`pooling` must be 'mean' or 'max_mean', got {pooling!r}.")
+    pooled = selected[0] if len(selected) == 1 else torch.cat(selected)  # (n, C): all references' target cells
     if pooling == "mean":
-        return selected.mean(dim=0)
-    if pooling == "max_mean":
-        return (selected.max(dim=0).values + selected.mean(dim=0)) / 2
-    raise ValueError(f"`pooling` must be 'mean' or 'max_mean', got {pooling!r}.")
+        return pooled.mean(dim=0)
+    return (pooled.max(dim=0).values + pooled.mean(dim=0)) / 2
 
 
 def similarity_map(target: Tensor, features: Tensor) -> Tensor:

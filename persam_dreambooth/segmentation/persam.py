@@ -1,21 +1,25 @@
 """PerSAM: training-free one-shot personalised segmentation with SAM (persam_method.md §3, Decisions 1-5).
 
     persam = PerSAM(sam)
-    persam.set_reference(ref_image, ref_mask)   # encodes the reference once
+    persam.set_reference(ref_image, ref_mask)   # encodes the reference once (or lists: several shots)
     result = persam.segment(image)               # -> Segmentation
+    found = persam.segment(image, max_instances=3)   # -> list[Segmentation], one per instance
 
 The pieces are separate so that callers can reuse them: :class:`~.predictor.GuidedSamPredictor` encodes images into
-:class:`~.predictor.ImageEmbedding` values and decodes prompts; :meth:`PerSAM.set_reference_embedding` and
-:meth:`PerSAM.segment_embedding` accept embeddings computed elsewhere (cached, batched); :func:`persam_cascade` runs
-the three decoder passes for one embedding and one target vector, optionally on a caller-given similarity map.
+:class:`~.predictor.ImageEmbedding` values and decodes prompts; :meth:`PerSAM.set_reference_embedding`,
+:meth:`PerSAM.segment_embedding` and :meth:`PerSAM.segment_embeddings` accept embeddings computed elsewhere (cached,
+batched); :func:`persam_cascade` runs the three decoder passes for one embedding and one target vector, optionally on
+a caller-given similarity map, and :func:`persam_cascade_batch` runs each pass for several images in one decoder call.
+Several instances: :mod:`~.multi_instance`. PerSAM-F (same interface): :mod:`~.persam_f`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -23,175 +27,83 @@ from segment_anything.modeling import Sam
 from torch import Tensor
 
 from persam_dreambooth.data.images import ImageLike, MaskLike, check_same_size, load_image, load_mask
-from persam_dreambooth.segmentation.location_prior import (
-    attention_prior,
-    box_from_mask,
-    select_point_prompts,
-    similarity_map,
-    target_embedding,
-    upscale_to_original,
+from persam_dreambooth.segmentation.cascade import (
+    NUM_STAGES,
+    EmptyMaskWarning,
+    Segmentation,
+    location_confidence,
+    persam_cascade,
+    persam_cascade_batch,
+)
+from persam_dreambooth.segmentation.location_prior import target_embedding
+from persam_dreambooth.segmentation.multi_instance import (
+    DEFAULT_OVERLAP_IOU,
+    DEFAULT_SIMILARITY_THRESHOLD,
+    find_instances,
+    union_mask,
 )
 from persam_dreambooth.segmentation.predictor import GuidedSamPredictor, ImageEmbedding
 from persam_dreambooth.segmentation.reference_mask import ReferenceCells, reference_cells
 
-__all__ = ["PerSAM", "PerSAMReference", "Segmentation", "EmptyMaskWarning", "persam_cascade", "mask_from_prompt"]
+__all__ = [
+    "NUM_STAGES",
+    "PerSAM",
+    "PerSAMReference",
+    "ReferenceShot",
+    "Segmentation",
+    "EmptyMaskWarning",
+    "location_confidence",
+    "persam_cascade",
+    "persam_cascade_batch",
+    "mask_from_prompt",
+    "union_mask",
+]
 
 logger = logging.getLogger(__name__)
 
-NUM_STAGES = 3  # one guided pass + two refinements (persam_method.md §3)
-
-
-class EmptyMaskWarning(UserWarning):
-    """An intermediate cascade mask was empty; the previous stage's result was kept (Decision 5)."""
-
-
-@dataclass(kw_only=True)
-class Segmentation:
-    """The result of segmenting one image.
-
-    Attributes:
-        mask: ``(H, W)`` bool, the final mask.
-        score: SAM's predicted IoU of the final mask.
-        points_xy: ``(N, 2)`` int64 point prompts ``(x, y)`` = (column, row); positives first, then negatives.
-        point_labels: ``(N,)`` int64, 1 positive / 0 negative.
-        similarity: ``(H, W)`` float32 location confidence (cosine similarity with the target, in [-1, 1]).
-        stage_logits: ``(3, h_lr, w_lr)`` float32 low-res logits of the chosen mask after each cascade stage (a
-            stage that was skipped repeats the previous one).
-        stage_scores: ``(3,)`` float32 predicted IoU of the chosen mask after each stage (same repetition rule).
-        stage_used: the stage (1-3) whose mask is ``mask``: 3 unless a fallback stopped the cascade early.
-        box_xyxy: ``(4,)`` int64 box prompt of stage 3 ``[x0, y0, x1, y1]`` (inclusive pixels), ``None`` if skipped.
-        fallbacks: human-readable notes on every fallback taken (empty tuple normally).
-        seconds: wall time of this segmentation (encoding included when :meth:`PerSAM.segment` encoded it).
-    """
-
-    mask: np.ndarray
-    score: float
-    points_xy: np.ndarray
-    point_labels: np.ndarray
-    similarity: np.ndarray
-    stage_logits: np.ndarray
-    stage_scores: np.ndarray
-    stage_used: int = NUM_STAGES
-    box_xyxy: np.ndarray | None = None
-    fallbacks: tuple[str, ...] = ()
-    seconds: float = 0.0
-
-    @property
-    def area(self) -> int:
-        """Number of mask pixels."""
-        return int(self.mask.sum())
-
 
 @dataclass(frozen=True)
-class PerSAMReference:
-    """The reference, encoded once.
+class ReferenceShot:
+    """One reference image, encoded.
 
     Attributes:
         embedding: the reference image's :class:`ImageEmbedding`.
         mask: ``(H, W)`` bool reference mask.
         cells: the mask on the embedding grid (:func:`~.reference_mask.reference_cells`).
-        target: ``(C,)`` raw mean feature inside the cells (un-normalised: the semantic prompt uses it as is).
     """
 
     embedding: ImageEmbedding
     mask: np.ndarray
     cells: ReferenceCells
+
+
+@dataclass(frozen=True)
+class PerSAMReference:
+    """The reference (one or several shots), encoded once.
+
+    Attributes:
+        shots: the reference images in the order given (one for the paper's one-shot setting).
+        target: ``(C,)`` raw target vector pooled over all shots' cells (mean for PerSAM; un-normalised: the semantic
+            prompt uses it as is, the similarity its normalised copy).
+    """
+
+    shots: tuple[ReferenceShot, ...]
     target: Tensor
 
+    @property
+    def embedding(self) -> ImageEmbedding:
+        """The first shot's embedding (the only one in the one-shot setting)."""
+        return self.shots[0].embedding
 
-@torch.no_grad()
-def persam_cascade(
-    predictor: GuidedSamPredictor,
-    embedding: ImageEmbedding,
-    target: Tensor,
-    similarity: Tensor | None = None,
-    guidance: bool = True,
-) -> Segmentation:
-    """PerSAM's prompts and three decoder passes on one encoded image (persam_method.md §3).
+    @property
+    def mask(self) -> np.ndarray:
+        """The first shot's ``(H, W)`` bool mask."""
+        return self.shots[0].mask
 
-    1. Location prior: cosine similarity of the target with the image features, upscaled to ``(H, W)``; the arg-max
-       pixel is the positive point, the arg-min the negative one.
-    2. Stage 1: single-mask pass with target-guided attention and target-semantic prompting (if ``guidance``).
-    3. Stage 2: multimask pass fed the stage-1 low-res logits; the best predicted IoU wins.
-    4. Stage 3: multimask pass with the tight box of the stage-2 mask and its logits; the best predicted IoU wins.
-       If the stage-2 mask is empty (no box), stage 3 is skipped and stage 2's result is kept (Decision 5).
-
-    Args:
-        predictor: the guided predictor of the SAM that produced ``embedding``.
-        embedding: the image to segment.
-        target: ``(C,)`` raw target vector (:func:`~.location_prior.target_embedding`).
-        similarity: ``(H, W)`` map to take the points and attention prior from instead of computing it (e.g. with
-            already-found instances suppressed). ``None``: computed from ``target``.
-        guidance: use the two injections in stage 1 (PerSAM). False gives plain SAM with PerSAM's prompts.
-
-    Returns:
-        A :class:`Segmentation` on CPU (``seconds`` covers this call only).
-    """
-    start = time.perf_counter()
-    if embedding.features.device != predictor.device:  # e.g. an embedding cached on CPU
-        embedding = embedding.to(predictor.device)
-    target = target.to(predictor.device)
-    height, width = embedding.original_size
-    if similarity is None:
-        grid_map = similarity_map(target, embedding.features)  # (h, w)
-        similarity = upscale_to_original(
-            grid_map, predictor.low_res_size, predictor.frame_size, embedding.input_size, embedding.original_size
-        )  # (H, W)
-    elif tuple(similarity.shape) != (height, width):
-        raise ValueError(f"`similarity` must have shape (H, W) == {(height, width)}, got {tuple(similarity.shape)}.")
-    else:
-        similarity = similarity.to(predictor.device)
-    points_xy, labels = select_point_prompts(similarity, topk=1, negative=True)
-    attn_sim = target_emb = None
-    if guidance:
-        attn_sim = attention_prior(similarity, predictor.grid_size, predictor.frame_size, embedding.input_size)
-        target_emb = target.reshape(1, 1, -1)  # (C,) -> (1, 1, C), broadcast over the decoder tokens
-
-    # Stage 1: one mask (token 0), both injections.
-    out1 = predictor.predict(
-        embedding, points_xy, labels, multimask_output=False, attn_sim=attn_sim, target_embedding=target_emb
-    )
-    logits = [out1.low_res_logits[0]]
-    scores = [out1.iou_predictions[0]]
-    # Stage 2: feed back the logits, three masks, no injections.
-    out2 = predictor.predict(embedding, points_xy, labels, mask_input=logits[0][None], multimask_output=True)
-    best = out2.best
-    logits.append(out2.low_res_logits[best])
-    scores.append(out2.iou_predictions[best])
-    mask = predictor.upscale_mask(logits[1], embedding)  # (H, W) bool
-    box = box_from_mask(mask)
-    fallbacks: list[str] = []
-    if box is None:
-        note = "stage 2 mask is empty, so there is no box for stage 3: kept the stage-2 result (Decision 5)"
-        warnings.warn(note, EmptyMaskWarning, stacklevel=3)  # 3: skip the no_grad wrapper
-        fallbacks.append(note)
-        logits.append(logits[1])
-        scores.append(scores[1])
-        stage_used = 2
-    else:
-        # Stage 3: box of the chosen mask + its logits, three masks.
-        out3 = predictor.predict(
-            embedding, points_xy, labels, box=box, mask_input=logits[1][None], multimask_output=True
-        )
-        best = out3.best
-        logits.append(out3.low_res_logits[best])
-        scores.append(out3.iou_predictions[best])
-        del mask
-        mask = predictor.upscale_mask(logits[2], embedding)
-        stage_used = 3
-    return Segmentation(
-        mask=mask.cpu().numpy(),
-        score=float(scores[-1]),
-        points_xy=points_xy.cpu().numpy(),
-        point_labels=labels.cpu().numpy(),
-        similarity=similarity.float().cpu().numpy(),
-        stage_logits=torch.stack(logits).float().cpu().numpy(),  # (3, h_lr, w_lr)
-        stage_scores=torch.stack(scores).float().cpu().numpy(),
-        stage_used=stage_used,
-        box_xyxy=None if box is None else box.cpu().numpy(),
-        fallbacks=tuple(fallbacks),
-        seconds=time.perf_counter() - start,
-    )
+    @property
+    def cells(self) -> ReferenceCells:
+        """The first shot's grid cells."""
+        return self.shots[0].cells
 
 
 @torch.no_grad()
@@ -238,6 +150,23 @@ def mask_from_prompt(
     return mask.cpu().numpy(), float(out.iou_predictions[best])
 
 
+def _reference_pairs(image: Any, mask: Any) -> tuple[list[Any], list[Any], list[tuple[str, str]], bool]:
+    """Split ``set_reference``'s arguments into shots: ``(images, masks, [(image_name, mask_name)], several)``."""
+    several = isinstance(image, (list, tuple))
+    if not several:
+        if isinstance(mask, (list, tuple)):
+            raise TypeError("`mask` is a list but `image` is not: give one image and one mask, or two lists.")
+        return [image], [mask], [("image", "mask")], False
+    if not isinstance(mask, (list, tuple)):
+        raise TypeError(f"`image` is a list of {len(image)}, so `mask` must be a list of as many masks, got "
+                        f"{type(mask).__name__}.")
+    if len(image) != len(mask) or not image:
+        raise ValueError(f"`image` and `mask` must be lists of the same length >= 1, got {len(image)} images and "
+                         f"{len(mask)} masks.")
+    names = [(f"image[{i}]", f"mask[{i}]") for i in range(len(image))]
+    return list(image), list(mask), names, True
+
+
 class PerSAM:
     """Personalised SAM: find the reference object in new images (training-free).
 
@@ -250,6 +179,9 @@ class PerSAM:
         persam.set_reference(ref_image, ref_mask)
         result = persam.segment(image)   # result.mask: (H, W) bool
     """
+
+    #: how the reference cells are pooled into the target (:func:`~.location_prior.target_embedding`)
+    pooling: Literal["mean", "max_mean"] = "mean"
 
     def __init__(self, sam: Sam) -> None:
         self.predictor = GuidedSamPredictor(sam)
@@ -270,47 +202,163 @@ class PerSAM:
         """Encode an image with SAM's image encoder (see :meth:`GuidedSamPredictor.encode`)."""
         return self.predictor.encode(image, arg_name)
 
-    def set_reference(self, image: ImageLike, mask: MaskLike) -> PerSAMReference:
-        """Encode the reference image and pool its features inside ``mask`` into the target vector.
+    def set_reference(
+        self, image: ImageLike | Sequence[ImageLike], mask: MaskLike | Sequence[MaskLike]
+    ) -> PerSAMReference:
+        """Encode the reference image(s) and pool the features inside the mask(s) into the target vector.
 
         Args:
-            image: ``(H, W, 3)`` uint8 RGB array, PIL image or path (EXIF orientation applied).
+            image: ``(H, W, 3)`` uint8 RGB array, PIL image or path (EXIF orientation applied); or a list/tuple of
+                them for several reference shots.
             mask: ``(H, W)`` bool, 0/1, 0/255 array, PIL L/P/RGB/RGBA (alpha) image or path; foreground = nonzero.
+                A list/tuple of as many masks when ``image`` is a list.
+
+        Several shots: the target is pooled over all shots' target cells together (see
+        :func:`~.location_prior.target_embedding`); one shot in a list gives exactly the one-shot result.
 
         Raises:
-            ValueError: the mask's size differs from the image's (both are named), or the mask is empty.
+            ValueError: a mask's size differs from its image's (both are named, with the shot index), a mask is
+                empty, or the lists differ in length. TypeError: one argument is a list and the other is not.
         """
-        array = load_image(image, "image")
-        bool_mask = load_mask(mask, "mask")
-        check_same_size(array.shape, bool_mask.shape, "image", "mask")
-        if not bool_mask.any():
-            raise ValueError("`mask` is empty: it has no foreground pixel, so there is no reference object.")
-        embedding = self.predictor.encode(array, "image")
-        return self.set_reference_embedding(embedding, bool_mask)
+        images, masks, names, several = _reference_pairs(image, mask)
+        arrays, bool_masks = [], []
+        for img, msk, (image_name, mask_name) in zip(images, masks, names, strict=True):
+            array = load_image(img, image_name)
+            bool_mask = load_mask(msk, mask_name)
+            check_same_size(array.shape, bool_mask.shape, image_name, mask_name)
+            if not bool_mask.any():
+                raise ValueError(
+                    f"`{mask_name}` is empty: it has no foreground pixel, so there is no reference object."
+                )
+            arrays.append(array)
+            bool_masks.append(bool_mask)
+        # every shot is validated before the encoder runs on any
+        embeddings = [self.predictor.encode(array, name) for array, (name, _) in zip(arrays, names, strict=True)]
+        del arrays
+        if several:
+            return self.set_reference_embedding(embeddings, bool_masks)
+        return self.set_reference_embedding(embeddings[0], bool_masks[0])
 
-    def set_reference_embedding(self, embedding: ImageEmbedding, mask: MaskLike) -> PerSAMReference:
-        """Like :meth:`set_reference` for an image already encoded by this PerSAM's SAM."""
-        bool_mask = load_mask(mask, "mask")
-        check_same_size(embedding.original_size, bool_mask.shape, "image", "mask")
-        cells = reference_cells(bool_mask, self.predictor.frame_size, self.predictor.grid_size, arg_name="mask")
-        features = embedding.features.to(self.predictor.device)
-        target = target_embedding(features, cells.cells.to(features.device), pooling="mean")  # (C,)
-        self._reference = PerSAMReference(embedding=embedding, mask=bool_mask, cells=cells, target=target)
+    def set_reference_embedding(
+        self, embedding: ImageEmbedding | Sequence[ImageEmbedding], mask: MaskLike | Sequence[MaskLike]
+    ) -> PerSAMReference:
+        """Like :meth:`set_reference` for images already encoded by this PerSAM's SAM (one, or a list of shots)."""
+        embeddings, masks, names, several = _reference_pairs(embedding, mask)
+        shots = []
+        for emb, msk, (image_name, mask_name) in zip(embeddings, masks, names, strict=True):
+            if not isinstance(emb, ImageEmbedding):
+                raise TypeError(f"`{image_name.replace('image', 'embedding')}` must be an ImageEmbedding, got "
+                                f"{type(emb).__name__}.")
+            bool_mask = load_mask(msk, mask_name)
+            check_same_size(emb.original_size, bool_mask.shape, image_name, mask_name)
+            cells = reference_cells(bool_mask, self.predictor.frame_size, self.predictor.grid_size, arg_name=mask_name)
+            shots.append(ReferenceShot(embedding=emb, mask=bool_mask, cells=cells))
+        features = [shot.embedding.features.to(self.predictor.device) for shot in shots]
+        cell_masks = [shot.cells.cells.to(self.predictor.device) for shot in shots]
+        if several:
+            target = target_embedding(features, cell_masks, pooling=self.pooling)  # (C,), all shots' cells pooled
+        else:
+            target = target_embedding(features[0], cell_masks[0], pooling=self.pooling)  # (C,)
+        self._reference = self._make_reference(tuple(shots), target)
         return self._reference
 
-    def segment_embedding(self, embedding: ImageEmbedding) -> Segmentation:
-        """Segment the reference object in an already-encoded image (no encoder call)."""
-        return persam_cascade(self.predictor, embedding, self.reference.target)
+    def _make_reference(self, shots: tuple[ReferenceShot, ...], target: Tensor) -> PerSAMReference:
+        """Build the reference object (PerSAM-F overrides this to fit its weights)."""
+        return PerSAMReference(shots=shots, target=target)
 
-    def segment(self, image: ImageLike) -> Segmentation:
+    # ------------------------------------------------------------------------------------------------ segmenting
+    def similarity(self, embedding: ImageEmbedding) -> Tensor:
+        """The location confidence ``(H, W)`` of the reference in an encoded image (on the model's device)."""
+        return location_confidence(self.predictor, embedding, self.reference.target)
+
+    def _cascade_batch(
+        self, embeddings: Sequence[ImageEmbedding], similarities: Sequence[Tensor | None] | None = None
+    ) -> list[Segmentation]:
+        """The method's cascade on several embeddings (one decoder call per stage)."""
+        return persam_cascade_batch(self.predictor, embeddings, self.reference.target, similarities)
+
+    @overload
+    def segment_embedding(self, embedding: ImageEmbedding, max_instances: None = None, *,
+                          similarity_threshold: float = ..., overlap_iou: float = ...) -> Segmentation: ...
+
+    @overload
+    def segment_embedding(self, embedding: ImageEmbedding, max_instances: int, *,
+                          similarity_threshold: float = ..., overlap_iou: float = ...) -> list[Segmentation]: ...
+
+    def segment_embedding(
+        self,
+        embedding: ImageEmbedding,
+        max_instances: int | None = None,
+        *,
+        similarity_threshold: float = DEFAULT_SIMILARITY_THRESHOLD,
+        overlap_iou: float = DEFAULT_OVERLAP_IOU,
+    ) -> Segmentation | list[Segmentation]:
+        """Segment the reference object in an already-encoded image (no encoder call).
+
+        ``max_instances=None``: one :class:`Segmentation` (the paper's single-instance result). An int ``k >= 1``: a
+        list of 1..k instances in the order found (:func:`~.multi_instance.find_instances` explains the search and
+        ``similarity_threshold`` / ``overlap_iou``).
+        """
+        if max_instances is None:
+            return self._cascade_batch([embedding])[0]
+        return self.segment_embeddings(
+            [embedding], max_instances, similarity_threshold=similarity_threshold, overlap_iou=overlap_iou
+        )[0]
+
+    def segment_embeddings(
+        self,
+        embeddings: Sequence[ImageEmbedding],
+        max_instances: int | None = None,
+        *,
+        similarity_threshold: float = DEFAULT_SIMILARITY_THRESHOLD,
+        overlap_iou: float = DEFAULT_OVERLAP_IOU,
+    ) -> list[Segmentation] | list[list[Segmentation]]:
+        """:meth:`segment_embedding` for several images, each cascade stage one decoder call for all of them.
+
+        Results agree with :meth:`segment_embedding` image by image to float rounding (the fp32 one-image path stays
+        the reference). Returns one entry per embedding: a :class:`Segmentation`, or with ``max_instances`` a list.
+        """
+        embeddings = list(embeddings)
+        if not embeddings:
+            return []
+        if max_instances is None:
+            return self._cascade_batch(embeddings)
+        return find_instances(
+            self._cascade_batch, self.similarity, embeddings, max_instances,
+            similarity_threshold=similarity_threshold, overlap_iou=overlap_iou,
+        )
+
+    @overload
+    def segment(self, image: ImageLike, max_instances: None = None, *,
+                similarity_threshold: float = ..., overlap_iou: float = ...) -> Segmentation: ...
+
+    @overload
+    def segment(self, image: ImageLike, max_instances: int, *,
+                similarity_threshold: float = ..., overlap_iou: float = ...) -> list[Segmentation]: ...
+
+    def segment(
+        self,
+        image: ImageLike,
+        max_instances: int | None = None,
+        *,
+        similarity_threshold: float = DEFAULT_SIMILARITY_THRESHOLD,
+        overlap_iou: float = DEFAULT_OVERLAP_IOU,
+    ) -> Segmentation | list[Segmentation]:
         """Segment the reference object in ``image`` (path, PIL image or ``(H, W, 3)`` uint8 array).
 
         The reference embedding is reused: only ``image`` is encoded. Never raises on an empty intermediate mask
-        (see :class:`Segmentation`.fallbacks).
+        (see :class:`Segmentation`.fallbacks). ``max_instances``: see :meth:`segment_embedding`; with it, each
+        instance's ``seconds`` is its own cascade and the first one's also covers the encoding.
         """
-        reference = self.reference
+        self.reference  # noqa: B018  (raises before encoding when no reference is set)
         start = time.perf_counter()
         embedding = self.predictor.encode(image, "image")
-        result = persam_cascade(self.predictor, embedding, reference.target)
-        result.seconds = time.perf_counter() - start
+        encoded = time.perf_counter() - start
+        result = self.segment_embedding(
+            embedding, max_instances, similarity_threshold=similarity_threshold, overlap_iou=overlap_iou
+        )
+        if isinstance(result, Segmentation):
+            result.seconds = time.perf_counter() - start
+        elif result:
+            result[0].seconds += encoded
         return result

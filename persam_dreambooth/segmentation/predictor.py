@@ -203,6 +203,77 @@ class GuidedSamPredictor:
         return out
 
     @torch.no_grad()
+    def predict_batch(
+        self,
+        embeddings: Sequence[ImageEmbedding],
+        point_coords: Sequence[Tensor | np.ndarray] | None = None,
+        point_labels: Sequence[Tensor | np.ndarray] | None = None,
+        boxes: Sequence[Tensor | np.ndarray] | None = None,
+        mask_inputs: Sequence[Tensor] | None = None,
+        multimask_output: bool = True,
+        attn_sim: Tensor | None = None,
+        target_embedding: Tensor | None = None,
+    ) -> list[DecoderOutput]:
+        """:meth:`predict` for ``B`` images in one decoder call: prompt ``i`` is decoded on image ``i``.
+
+        Every image must get the same kind of prompt (the same number of points; boxes for all or none; mask inputs
+        for all or none), since the decoder's token count is shared by the batch. With ``B = 1`` the operations are
+        :meth:`predict`'s (bit-identical); with ``B > 1`` the numbers agree to float rounding.
+
+        Args:
+            embeddings: ``B`` encoded images (their sizes may differ).
+            point_coords: ``B`` arrays ``(N, 2)`` in each image's pixels; point_labels ``B`` arrays ``(N,)``.
+            boxes: ``B`` boxes ``(4,)``; mask_inputs: ``B`` tensors ``(1, h_lr, w_lr)``.
+            attn_sim: ``(B, 1, 1, h*w)`` one prior per image (or ``(1, 1, 1, h*w)`` shared), or ``None``.
+            target_embedding: ``(1, 1, C)`` shared by the batch, or ``None``.
+
+        Returns:
+            One :class:`DecoderOutput` per image (no high-res logits; use :meth:`upscale`).
+        """
+        count = len(embeddings)
+        if count == 0:
+            raise ValueError("`embeddings` must hold at least one image.")
+        for name, values in (("point_coords", point_coords), ("point_labels", point_labels), ("boxes", boxes),
+                             ("mask_inputs", mask_inputs)):
+            if values is not None and len(values) != count:
+                raise ValueError(f"`{name}` must hold one entry per image ({count}), got {len(values)}.")
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("`point_labels` must be given with `point_coords`.")
+        points = boxes_t = masks = None
+        if point_coords is not None and point_labels is not None:
+            coords, labels = [], []
+            for emb, pts, lbl in zip(embeddings, point_coords, point_labels, strict=True):
+                arr = np.asarray(torch.as_tensor(pts).cpu(), dtype=np.float64)
+                coords.append(torch.as_tensor(self.transform.apply_coords(arr, emb.original_size),
+                                              dtype=torch.float, device=self.device))  # (N, 2), as predict
+                labels.append(torch.as_tensor(np.asarray(torch.as_tensor(lbl).cpu()), dtype=torch.int,
+                                              device=self.device))  # (N,)
+            points = (torch.stack(coords), torch.stack(labels))  # (B, N, 2), (B, N)
+        if boxes is not None:
+            rows = []
+            for emb, box in zip(embeddings, boxes, strict=True):
+                b = np.asarray(torch.as_tensor(box).cpu(), dtype=np.float64).reshape(-1, 4)  # (4,) -> (1, 4)
+                rows.append(torch.as_tensor(self.transform.apply_boxes(b, emb.original_size), dtype=torch.float,
+                                            device=self.device))
+            boxes_t = torch.cat(rows)  # B x (1, 4) -> (B, 4)
+        if mask_inputs is not None:
+            masks = torch.stack([
+                m.to(device=self.device, dtype=torch.float).reshape(1, *m.shape[-2:]) for m in mask_inputs
+            ])  # B x (1, h_lr, w_lr) -> (B, 1, h_lr, w_lr)
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes_t, masks=masks)
+        features = torch.stack([emb.features.to(self.device) for emb in embeddings])  # (B, C, h, w)
+        low_res, iou = self.decoder(
+            image_embeddings=features,
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            attn_sim=attn_sim,
+            target_embedding=target_embedding,
+        )  # (B, K, h_lr, w_lr), (B, K)
+        return [DecoderOutput(low_res_logits=low_res[i], iou_predictions=iou[i]) for i in range(count)]
+
+    @torch.no_grad()
     def upscale(self, low_res_logits: Tensor, embedding: ImageEmbedding) -> Tensor:
         """``(K, h_lr, w_lr)`` logits -> ``(K, H, W)`` with ``Sam.postprocess_masks`` (threshold at 0 for masks)."""
         out = self.sam.postprocess_masks(

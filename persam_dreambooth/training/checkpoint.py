@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,16 +156,18 @@ def save_checkpoint(
         tmp.rename(final)
         logger.info("Saved checkpoint %s", final)
         if total_limit is not None:
-            rotate_checkpoints(output_dir, total_limit)
+            rotate_checkpoints(output_dir, total_limit, keep=final)
     accelerator.wait_for_everyone()
     return final
 
 
-def rotate_checkpoints(output_dir: Path, total_limit: int, on_remove: Callable[[Path], None] | None = None) -> None:
-    """Delete the oldest checkpoints so at most ``total_limit`` remain (after a successful save)."""
-    found = list_checkpoints(output_dir)
-    for old in found[: max(len(found) - total_limit, 0)]:
+def rotate_checkpoints(output_dir: Path, total_limit: int, keep: Path | None = None) -> None:
+    """Delete the oldest checkpoints so at most ``total_limit`` remain (after a successful save).
+
+    ``keep`` (the checkpoint just saved) is never deleted, even when an earlier run in the same folder left
+    checkpoints of later steps.
+    """
+    found = [path for path in list_checkpoints(output_dir) if path != keep]
+    for old in found[: max(len(found) + (keep is not None) - total_limit, 0)]:
         logger.info("Removing old checkpoint %s (checkpoints_total_limit=%d)", old, total_limit)
         shutil.rmtree(old)
-        if on_remove is not None:
-            on_remove(old)

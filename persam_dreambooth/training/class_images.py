@@ -1,15 +1,17 @@
 """Class images for prior preservation: use what ``class_data_dir`` holds, generate only the shortfall.
 
-Generation uses the base model with ``class_prompt``, in batches of ``sample_batch_size``. Image ``i`` (counted
-from the images already there) is generated with the seed ``derive_seed(seed, i)`` and written atomically as
-``{i:05d}-{sha1 of its pixels}.jpg`` as soon as its batch is done, so an interrupted generation resumes where it
-stopped: a rerun counts the finished images and generates only the rest. Class images are never masked.
+Generation uses the base model with ``class_prompt``, in batches of ``sample_batch_size``. Generated image ``i`` gets
+the seed ``derive_seed(seed, i)`` and is written atomically as ``{i:05d}-{sha1 of its pixels}.jpg`` as soon as its
+batch is done. A rerun counts the images there (yours and generated ones), and generates the shortfall under the
+smallest indices not yet taken, so an interrupted generation (by one process or several) resumes where it stopped
+and never duplicates an image. Class images are never masked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["existing_class_images", "ensure_class_images"]
 
+_GENERATED = re.compile(r"^(\d{5,})-[0-9a-f]+\.jpg$")
+
 
 def existing_class_images(folder: str | Path) -> list[Path]:
     """The complete image files in ``folder`` (sorted; hidden and temporary files skipped)."""
@@ -35,6 +39,18 @@ def existing_class_images(folder: str | Path) -> list[Path]:
         p for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
     )
+
+
+def _free_indices(existing: list[Path], count: int) -> list[int]:
+    """The ``count`` smallest indices that no generated image in ``existing`` (``{i:05d}-{sha1}.jpg``) uses."""
+    taken = {int(m.group(1)) for path in existing if (m := _GENERATED.match(path.name))}
+    free: list[int] = []
+    index = 0
+    while len(free) < count:
+        if index not in taken:
+            free.append(index)
+        index += 1
+    return free
 
 
 def _generation_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -52,9 +68,11 @@ def ensure_class_images(config: TrainConfig, accelerator: Any, seed: int) -> lis
     assert config.class_data_dir is not None and config.class_prompt is not None
     folder = ensure_output_dir(config.class_data_dir, "class_data_dir")
     existing = existing_class_images(folder)
+    accelerator.wait_for_everyone()  # every process counts the same images before any process writes one
     missing = config.num_class_images - len(existing)
     if missing <= 0:
         return existing[: config.num_class_images]
+    indices = _free_indices(existing, missing)
     logger.info("Generating %d class images for %r in %s", missing, config.class_prompt, folder)
     from diffusers import DiffusionPipeline
 
@@ -66,8 +84,7 @@ def ensure_class_images(config: TrainConfig, accelerator: Any, seed: int) -> lis
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    indices = list(range(len(existing), config.num_class_images))[accelerator.process_index::
-                                                                   accelerator.num_processes]
+    indices = indices[accelerator.process_index:: accelerator.num_processes]  # this process's share
     batches = [indices[i: i + config.sample_batch_size] for i in range(0, len(indices), config.sample_batch_size)]
     for batch in tqdm(batches, desc="class images", disable=not accelerator.is_local_main_process):
         generators = [torch.Generator(device).manual_seed(derive_seed(seed, index, 0xC1A55)) for index in batch]

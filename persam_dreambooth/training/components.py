@@ -21,7 +21,7 @@ from persam_dreambooth.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BaseModelInfo", "Components", "inspect_base_model", "load_components"]
+__all__ = ["BaseModelInfo", "Components", "inspect_base_model", "check_lora_targets", "load_components"]
 
 _REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -145,6 +145,33 @@ def check_resolution(resolution: int, info: BaseModelInfo) -> None:
             "UNet interpolates its skip connections (works, but %d would be cleaner).",
             resolution, latent, info.unet_downsample_factor, factor * info.unet_downsample_factor,
         )
+
+
+def check_lora_targets(config: TrainConfig, info: BaseModelInfo) -> None:
+    """Check ``lora_target_modules`` (and the text encoder's) against the model, before any weight is loaded.
+
+    The UNet and text encoder are built from their configs without weights (``init_empty_weights``), so a typo
+    fails here and not after the masks and the class images are made.
+
+    Raises:
+        ValueError: a target name matches no module.
+    """
+    if config.train_mode != "lora":
+        return
+    from accelerate import init_empty_weights
+
+    from persam_dreambooth.training.lora import check_targets
+
+    unet_cls = _component_class(info, "unet")
+    with init_empty_weights():
+        unet = unet_cls.from_config(_read_json(config, "config.json", "unet"))
+    check_targets(unet, config.lora_target_modules, "lora_target_modules")
+    if config.train_text_encoder:
+        te_cls = _component_class(info, "text_encoder")
+        te_config = te_cls.config_class.from_dict(_read_json(config, "config.json", "text_encoder"))
+        with init_empty_weights():
+            text_encoder = te_cls(te_config)
+        check_targets(text_encoder, config.text_encoder_lora_target_modules, "text_encoder_lora_target_modules")
 
 
 @dataclass

@@ -24,15 +24,13 @@ from typing import Any, Literal
 
 from persam_dreambooth.config import ConfigError, field_help
 
-__all__ = ["ConfigError", "TrainConfig", "LR_SCHEDULERS", "LORA_UNET_TARGETS", "LORA_TEXT_ENCODER_TARGETS"]
+__all__ = ["ConfigError", "TrainConfig", "LORA_UNET_TARGETS", "LORA_TEXT_ENCODER_TARGETS"]
 
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 #: UNet attention projections (diffusers' Attention: to_q/to_k/to_v/to_out.0); add_k_proj/add_v_proj only exist
 #: in added-KV attention (DeepFloyd IF) and are skipped when absent.
 LORA_UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 #: CLIP text-encoder attention projections.
 LORA_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
 
 
 @dataclass(kw_only=True)
@@ -41,7 +39,7 @@ class TrainConfig:
 
     # ---------------------------------------------------------------------------------------------- model / IO
     pretrained_model_name_or_path: str = field_help(
-        help="Base model: a Hub id (e.g. runwayml/stable-diffusion-v1-5) or a local diffusers folder.")
+        help="Base model: a Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a local diffusers folder.")
     revision: str | None = field_help(None, help="Hub revision of the base model.")
     variant: str | None = field_help(None, help="Weight variant of the base model files, e.g. fp16.")
     instance_data_dir: str = field_help(help="Folder of the subject's photos (3-20 images).")
@@ -62,9 +60,9 @@ class TrainConfig:
         None, help="Marked reference photo for PerSAM (may be one of the instance images).")
     reference_mask: str | None = field_help(None, help="Mask of the subject in reference_image.")
     reference_box: list[float] | None = field_help(
-        None, help="Box around the subject in reference_image: x0 y0 x1 y1 (pixels).")
+        None, help="Box around the subject in reference_image, in pixels: x0,y0,x1,y1 (a YAML list of 4 numbers).")
     reference_point: list[float] | None = field_help(
-        None, help="A point on the subject in reference_image: x y (pixels).")
+        None, help="A point on the subject in reference_image, in pixels: x,y (a YAML list of 2 numbers).")
     mask_method: Literal["persam", "persam_f"] | None = field_help(
         None, help="Segmenter for masks made from the reference (null = persam, or mask_source if it names one).")
     sam_model_type: str = field_help("vit_h", help="SAM architecture for PerSAM (vit_h, vit_l, vit_b, ...).")
@@ -188,9 +186,11 @@ class TrainConfig:
         if self.reference_box is not None:
             box = self.reference_box
             if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
-                raise ConfigError(f"`reference_box` must be x0 y0 x1 y1 with x0 < x1 and y0 < y1, got {box!r}.")
+                raise ConfigError(
+                    f"`reference_box` must be 4 numbers x0,y0,x1,y1 with x0 < x1 and y0 < y1, got {box!r}."
+                )
         if self.reference_point is not None and len(self.reference_point) != 2:
-            raise ConfigError(f"`reference_point` must be x y (2 numbers), got {self.reference_point!r}.")
+            raise ConfigError(f"`reference_point` must be 2 numbers x,y, got {self.reference_point!r}.")
 
     def _resolve(self) -> None:
         if self.mask_source is None:

@@ -38,6 +38,8 @@ def save_full_pipeline(config: TrainConfig, output_dir: Path, unet: torch.nn.Mod
     tmp = Path(tempfile.mkdtemp(prefix=".pipeline-", dir=output_dir))
     try:
         pipe.save_pretrained(tmp)
+        # an older pipeline's index goes first, so no model_index.json ever sits beside half-replaced parts
+        (output_dir / "model_index.json").unlink(missing_ok=True)
         entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")
         for entry in entries:
             target = output_dir / entry.name
@@ -64,16 +66,27 @@ def save_final(config: TrainConfig, accelerator: Any, output_dir: Path, comps: A
         else:
             save_full_pipeline(config, output_dir, unet, text_encoder)
             logger.info("Pipeline: %s", output_dir)
-    validation: list[str] = []
+    final = None
     if config.validation_prompt:
-        path = validate(config, accelerator, comps, trained.unet, trained.text_encoder, dtype, seed, output_dir,
-                        "final", global_step)
-        if path is not None:
-            validation.append(path.relative_to(output_dir).as_posix())
+        final = validate(config, accelerator, comps, trained.unet, trained.text_encoder, dtype, seed, output_dir,
+                         "final", global_step)
     if accelerator.is_main_process:
+        validation = [p.relative_to(output_dir).as_posix() for p in _step_grids(output_dir, global_step)]
+        if final is not None:
+            validation.append(final.relative_to(output_dir).as_posix())
         grid = output_dir / "masks" / GRID_NAME
         write_model_card(
             output_dir, config, global_step=global_step,
             masks_grid=grid.relative_to(output_dir).as_posix() if config.uses_masks and grid.is_file() else None,
             validation_images=validation, version=__version__, final_loss=final_loss,
         )
+
+
+def _step_grids(output_dir: Path, last_step: int) -> list[Path]:
+    """The ``validation/step-N.png`` grids of this run (also those written before a resume), by step."""
+    found = []
+    for path in (output_dir / "validation").glob("step-*.png"):
+        step = path.stem.removeprefix("step-")
+        if step.isdigit() and int(step) <= last_step:
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from persam_dreambooth.config import dump_config, to_dict
-from persam_dreambooth.training.checkpoint import read_trainer_state, register_model_hooks
+from persam_dreambooth.training.checkpoint import list_checkpoints, read_trainer_state, register_model_hooks
 from persam_dreambooth.training.class_images import ensure_class_images
 from persam_dreambooth.training.components import load_components
 from persam_dreambooth.training.config import TrainConfig
@@ -90,6 +90,12 @@ def train(config: TrainConfig, accelerator: Any = None) -> Path:
     """
     pre = run_preflight(config)
     output_dir = ensure_output_dir(pre.output_dir, "output_dir")
+    if pre.resume is None and (stale := list_checkpoints(output_dir)):
+        logger.warning(
+            "`output_dir` %s holds checkpoints of an earlier run (%s); this run starts at step 0 and does not resume "
+            "them (`--resume_from_checkpoint latest` would). They stay until rotation or a same-step checkpoint "
+            "replaces them.", output_dir, ", ".join(p.name for p in stale),
+        )
     accelerator = accelerator or make_accelerator(config, output_dir)
     if accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
         raise ValueError(
@@ -97,7 +103,8 @@ def train(config: TrainConfig, accelerator: Any = None) -> Path:
             f"`gradient_accumulation_steps` is {config.gradient_accumulation_steps}."
         )
     seed = _resolve_seed(config, pre.resume)
-    config = config.replace(seed=seed)
+    precision = accelerator.mixed_precision  # what runs, from the config or the launcher
+    config = config.replace(seed=seed, mixed_precision=precision if precision in ("no", "fp16", "bf16") else None)
     if accelerator.is_main_process:
         dump_config(config, output_dir / "config.resolved.yaml", extra={"versions": _versions(),
                                                                         "launched": str(accelerator.distributed_type)})

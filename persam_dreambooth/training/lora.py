@@ -28,7 +28,10 @@ from diffusers.utils import (
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-__all__ = ["LORA_WEIGHT_NAME", "make_lora_config", "add_unet_lora", "add_text_encoder_lora", "save_lora", "load_lora"]
+__all__ = [
+    "LORA_WEIGHT_NAME", "make_lora_config", "check_targets", "add_unet_lora", "add_text_encoder_lora", "save_lora",
+    "load_lora",
+]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER = "default"
@@ -42,7 +45,8 @@ def make_lora_config(rank: int, alpha: float, dropout: float, target_modules: Se
     )
 
 
-def _check_targets(model: torch.nn.Module, targets: Sequence[str], arg_name: str) -> None:
+def check_targets(model: torch.nn.Module, targets: Sequence[str], arg_name: str) -> None:
+    """Every name in ``targets`` must be a module of ``model`` (or end one's dotted path); else a ValueError."""
     names = [name for name, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
@@ -57,7 +61,7 @@ def add_unet_lora(
     unet: torch.nn.Module, rank: int, alpha: float, dropout: float, target_modules: Sequence[str]
 ) -> LoraConfig:
     """Attach LoRA to the UNet's ``target_modules`` (freezes nothing; call after ``requires_grad_(False)``)."""
-    _check_targets(unet, target_modules, "lora_target_modules")
+    check_targets(unet, target_modules, "lora_target_modules")
     config = make_lora_config(rank, alpha, dropout, target_modules)
     unet.add_adapter(config)
     return config
@@ -67,7 +71,7 @@ def add_text_encoder_lora(
     text_encoder: torch.nn.Module, rank: int, alpha: float, dropout: float, target_modules: Sequence[str]
 ) -> LoraConfig:
     """Attach LoRA to the text encoder's attention projections."""
-    _check_targets(text_encoder, target_modules, "text_encoder_lora_target_modules")
+    check_targets(text_encoder, target_modules, "text_encoder_lora_target_modules")
     config = make_lora_config(rank, alpha, dropout, target_modules)
     inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER)
     return config

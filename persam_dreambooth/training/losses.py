@@ -85,21 +85,20 @@ def masked_diffusion_loss(
 def min_snr_weights(
     snr: torch.Tensor, gamma: float, prediction_type: Literal["epsilon", "v_prediction", "sample"]
 ) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023) for per-sample losses.
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for per-sample losses, as diffusers' DreamBooth script has them.
 
-    ``min(snr, gamma) / snr`` for epsilon targets and ``min(snr, gamma) / (snr + 1)`` for v-prediction (the
-    velocity loss already carries a factor ``snr + 1``); ``min(snr, gamma)`` for sample prediction.
+    ``min(snr, gamma) / snr`` for epsilon (and sample) targets; for v-prediction the same weight plus 1 (diffusers:
+    "the velocity objective needs to be floored to an SNR weight of one"), so a run configured like a diffusers one
+    trains alike.
 
     Shapes:
         ``snr``: ``(B,)`` -> ``(B,)``.
     """
     if gamma <= 0:
         raise ValueError(f"`gamma` (snr_gamma) must be > 0, got {gamma!r}.")
-    clipped = torch.clamp(snr, max=gamma)
-    if prediction_type == "epsilon":
-        return clipped / snr
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1.0)
-    if prediction_type == "sample":
-        return clipped
-    raise ValueError(f"`prediction_type` must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}.")
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(
+            f"`prediction_type` must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}."
+        )
+    weights = torch.clamp(snr, max=gamma) / snr
+    return weights + 1.0 if prediction_type == "v_prediction" else weights

@@ -51,12 +51,19 @@ def write_model_card(
            f"{config.mask_background_weight})" if masked else "") + ".", "",
     ]
     if masks_grid:
-        lines += ["## Masks", "", "The loss supervised only the subject inside these masks:", "",
-                  f"![masks]({masks_grid})", ""]
+        weight = config.mask_background_weight
+        what = ("only the subject inside these masks" if weight == 0 else
+                f"the subject inside these masks, and the background at weight {weight}")
+        lines += ["## Masks", "", f"The loss supervised {what}:", "", f"![masks]({masks_grid})", ""]
     if validation_images:
-        lines += ["## Samples", "", f"Prompt: `{config.validation_prompt}`", ""]
-        lines += [f"![{Path(p).stem}]({p})" for p in validation_images] + [""]
-    lines += ["## Use", "", "```python", "import torch", "from diffusers import DiffusionPipeline", ""]
+        lines += ["## Samples", ""]
+        if config.validation_prompt:
+            lines += [f"Prompt: `{config.validation_prompt}`, the same seed at every step.", ""]
+        for image in validation_images:
+            name = Path(image).stem
+            label = "After training" if name == "final" else f"Step {int(name.removeprefix('step-'))}"
+            lines += [f"{label}:", "", f"![{name}]({image})", ""]
+    lines += ["## Use", "", "```python", "from diffusers import DiffusionPipeline", ""]
     if lora:
         lines += [f"pipe = DiffusionPipeline.from_pretrained({config.pretrained_model_name_or_path!r})",
                   "pipe.load_lora_weights(\"path/to/this/folder\")"]

@@ -1,10 +1,10 @@
 """Checks that run before anything is written or loaded: bad input fails here, with a message naming the problem.
 
 Checked: the output path is not a file; the base model exists, is a single-text-encoder diffusers pipeline and its
-VAE takes ``resolution``; the instance folder holds readable images with distinct stems; every image has a
-non-empty mask of its size (``mask_dir``), or the reference image / mask / box / point are valid (PerSAM); the SAM
-checkpoint exists; the class folder is not a file; ``resume_from_checkpoint`` exists; bitsandbytes is installed
-for ``use_8bit_adam``; the tracker package is installed.
+VAE takes ``resolution``; the LoRA target modules exist in it; the instance folder holds readable images with
+distinct stems; every image has a non-empty mask of its size (``mask_dir``), or the reference image / mask / box /
+point are valid (PerSAM); the SAM checkpoint exists; the class folder is not a file; ``resume_from_checkpoint``
+exists; bitsandbytes is installed for ``use_8bit_adam``; the tracker package is installed.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 from persam_dreambooth.data.images import check_same_size, list_images, load_image, load_mask
 from persam_dreambooth.masks.store import MaskSet, read_image_hw
 from persam_dreambooth.training.checkpoint import resolve_resume
-from persam_dreambooth.training.components import BaseModelInfo, inspect_base_model
+from persam_dreambooth.training.components import BaseModelInfo, check_lora_targets, inspect_base_model
 from persam_dreambooth.training.config import TrainConfig
+from persam_dreambooth.utils.io import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -42,27 +43,6 @@ class Preflight:
     mask_set: MaskSet | None
     resume: Path | None
     output_dir: Path
-
-
-def _check_output_dir(path: Path) -> None:
-    for candidate in (path, *path.parents):
-        if candidate.exists() and not candidate.is_dir():
-            raise NotADirectoryError(
-                f"`output_dir` must be a folder, but {str(candidate)!r} is an existing file"
-                + ("" if candidate == path else f" (a parent of {str(path)!r})") + "; choose another path."
-            )
-
-
-def _check_unique_stems(images: list[Path]) -> None:
-    seen: dict[str, Path] = {}
-    for path in images:
-        key = path.stem.casefold()
-        if key in seen:
-            raise ValueError(
-                f"`instance_data_dir` holds {seen[key].name!r} and {path.name!r} with the same stem; masks are "
-                "matched by stem, so rename one of them."
-            )
-        seen[key] = path
 
 
 def _check_reference(config: TrainConfig) -> None:
@@ -102,12 +82,14 @@ def _check_reference(config: TrainConfig) -> None:
 
 def run_preflight(config: TrainConfig) -> Preflight:
     """Run every check that needs no model weights; raise on the first problem. Writes nothing."""
-    output_dir = Path(config.output_dir)
-    _check_output_dir(output_dir)
+    from persam_dreambooth.segmentation.album import check_unique_stems  # the rule masks/make.py applies too
+
+    output_dir = check_output_dir(config.output_dir, "output_dir")
     info = inspect_base_model(config)
+    check_lora_targets(config, info)
 
     images = list_images(config.instance_data_dir, "instance_data_dir")
-    _check_unique_stems(images)
+    check_unique_stems(images, "instance_data_dir")  # masks are matched to images by stem
     for path in images:
         read_image_hw(path)  # readable
     mask_set = None

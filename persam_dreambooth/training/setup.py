@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,17 @@ __all__ = ["make_accelerator", "weight_dtype_of", "TrainedModels", "prepare_mode
 def make_accelerator(config: TrainConfig, output_dir: Path) -> Any:
     """An ``Accelerator`` with the run's accumulation, precision (None = the launcher's) and tracker."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, ProjectConfiguration
 
+    # accelerate keeps its state per process. After an earlier in-process run (a notebook, a sweep), a new
+    # Accelerator would silently keep that run's mixed precision (or refuse another explicit one), so a single-process
+    # state made for other settings is dropped. Under `accelerate launch` nothing is initialised yet.
+    state = AcceleratorState._shared_state
+    wanted = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if state and state.get("distributed_type") == DistributedType.NO and state.get("_mixed_precision") != wanted:
+        logger.info("Resetting accelerate's state (mixed precision %s -> %s)", state.get("_mixed_precision"), wanted)
+        AcceleratorState._reset_state()
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir))
     return Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,

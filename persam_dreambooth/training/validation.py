@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,25 +18,12 @@ from PIL import Image
 
 from persam_dreambooth.training.config import TrainConfig
 from persam_dreambooth.training.rng import derive_seed
+from persam_dreambooth.utils.grids import tile_grid
 from persam_dreambooth.utils.io import atomic_save_image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["image_grid", "build_pipeline", "run_validation", "save_and_log"]
-
-
-def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
-    """Tile equally sized images row by row (``cols`` defaults to a near-square layout)."""
-    if not images:
-        raise ValueError("`images` is empty.")
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height), color=(255, 255, 255))
-    for i, image in enumerate(images):
-        row, col = divmod(i, cols)
-        grid.paste(image.convert("RGB"), (col * width, row * height))
-    return grid
+__all__ = ["build_pipeline", "run_validation", "save_and_log"]
 
 
 def build_pipeline(
@@ -81,7 +67,7 @@ def run_validation(
 def save_and_log(images: Sequence[Image.Image], output_dir: Path, name: str, step: int, accelerator: Any) -> Path:
     """Write the grid ``output_dir/validation/{name}.png`` and send the images to every tracker."""
     path = output_dir / "validation" / f"{name}.png"
-    atomic_save_image(image_grid(images), path)
+    atomic_save_image(tile_grid(images), path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             stacked = np.stack([np.asarray(img.convert("RGB")) for img in images])  # (N, H, W, 3) uint8

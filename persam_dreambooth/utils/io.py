@@ -21,6 +21,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save_image",
+    "check_output_dir",
     "ensure_output_dir",
 ]
 
@@ -86,8 +87,8 @@ def atomic_save_image(image: Any, path: str | os.PathLike[str], **save_kwargs: A
         image.save(tmp, format=fmt, **save_kwargs)
 
 
-def ensure_output_dir(path: str | os.PathLike[str], arg_name: str = "output") -> Path:
-    """Create the output folder ``path`` (and parents) and return it.
+def check_output_dir(path: str | os.PathLike[str], arg_name: str = "output") -> Path:
+    """Check that ``path`` can be an output folder (without creating anything); return it as a ``Path``.
 
     Raises:
         NotADirectoryError: ``path`` (or one of its parents) exists and is a file.
@@ -100,5 +101,15 @@ def ensure_output_dir(path: str | os.PathLike[str], arg_name: str = "output") ->
                 + ("" if candidate == path else f" (a parent of {str(path)!r})")
                 + "; choose another path."
             )
+    return path
+
+
+def ensure_output_dir(path: str | os.PathLike[str], arg_name: str = "output") -> Path:
+    """Create the output folder ``path`` (and parents) and return it.
+
+    Raises:
+        NotADirectoryError: ``path`` (or one of its parents) exists and is a file.
+    """
+    path = check_output_dir(path, arg_name)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -45,7 +45,7 @@ def test_mask_reference_end_to_end(data, tiny_sam_checkpoint):
     assert run(data, tiny_sam_checkpoint) == 0
     out = data / "out"
     assert sorted(p.name for p in out.iterdir()) == ["00.png", "00_overlay.jpg", "01.png", "01_overlay.jpg",
-                                                     "results.jsonl"]
+                                                     "results.jsonl", "run.json"]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["stem"] for r in rows] == ["00", "01"]
     for row in rows:

@@ -17,12 +17,6 @@ import pytest
 import tiny
 from PIL import Image
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with tiny.torch_threads(1):
-        yield
-
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -41,30 +35,52 @@ def _run(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=120, check=False)
 
 
-def test_report_renders_in_chromium(tmp_path_factory, tmp_path):
-    chromium = _chromium()
-    report = tiny.tiny_compare_report(tmp_path_factory.getbasetemp() / "shared-compare")
+def _check_page(chromium: str, report: Path, tmp_path: Path, n_images: int, height: int | None = 2000) -> None:
+    """Load ``report.html`` in Chromium: every image decodes and nothing sticks out sideways; then take a
+    ``height``-pixel screenshot into ``tmp_path / "report.png"`` (none for ``None``)."""
     url = (report / "report.html").resolve().as_uri()
-    n_imgs = (report / "report.html").read_text(encoding="utf-8").count("<img ")
+    assert (report / "report.html").read_text(encoding="utf-8").count("<img ") == n_images
 
-    dom = _run(chromium, tmp_path / "profile-dom", "--virtual-time-budget=5000", "--dump-dom", url)
+    dom = _run(chromium, tmp_path / "profile-dom", "--window-size=1280,2000", "--virtual-time-budget=5000",
+               "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
     body = re.search(r"<body[^>]*>", dom.stdout)
     assert body is not None, dom.stdout[:2000]
-    total = re.search(r'data-images-total="(\d+)"', body.group(0))
-    broken = re.search(r'data-images-broken="(\d+)"', body.group(0))
-    assert total is not None and broken is not None, f"the page's image check did not run: {body.group(0)}"
-    assert int(total.group(1)) == n_imgs == 6
-    assert int(broken.group(1)) == 0
+    attrs = dict(re.findall(r'(data-[a-z-]+)="([^"]*)"', body.group(0)))
+    assert "data-images-total" in attrs, f"the page's image check did not run: {body.group(0)}"
+    assert int(attrs["data-images-total"]) == n_images
+    assert int(attrs["data-images-broken"]) == 0  # every image has naturalWidth > 0
+    assert attrs["data-page-overflow"] == "false"  # no table or grid wider than a 1280-px window
+    if height is None:
+        return
 
     shot = tmp_path / "report.png"
-    result = _run(chromium, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,2000",
+    result = _run(chromium, tmp_path / "profile-shot", f"--screenshot={shot}", f"--window-size=1280,{height}",
                   "--hide-scrollbars", url)
     assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
     with Image.open(shot) as im:
-        assert im.size == (1280, 2000)
+        assert im.size == (1280, height)
         pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
     assert pixels.std() > 20  # not a blank page: chart, tables and grids are drawn
+
+
+def test_report_renders_in_chromium(tmp_path_factory, tmp_path):
+    chromium = _chromium()
+    report = tiny.tiny_compare_report(tmp_path_factory.getbasetemp() / "shared-compare")
+    # chart + 3 side-by-side grids + PerSAM reference + the masked run's training masks
+    _check_page(chromium, report, tmp_path, n_images=6)
     keep = os.environ.get("PERSAM_KEEP_SCREENSHOT")
     if keep:  # how docs/images/report_screenshot.png is refreshed
-        shutil.copyfile(shot, keep)
+        shutil.copyfile(tmp_path / "report.png", keep)
+
+
+def test_report_with_four_runs_and_a_long_run_name(tmp_path_factory, tmp_path):
+    chromium = _chromium()
+    report = tiny.tiny_compare_report_many_runs(tmp_path_factory.getbasetemp() / "shared-compare")
+    html = (report / "report.html").read_text(encoding="utf-8").replace("<wbr>", "")
+    # 3 metric tables + 3 per-prompt column groups + subtitle + config + masks; the grids show it as pixels
+    assert html.count(tiny.LONG_RUN_NAME) >= 9
+    keep = os.environ.get("PERSAM_KEEP_SCREENSHOT_MANY")  # a screenshot only on request: saves a Chromium start
+    _check_page(chromium, report, tmp_path, n_images=6, height=3000 if keep else None)
+    if keep:
+        shutil.copyfile(tmp_path / "report.png", keep)

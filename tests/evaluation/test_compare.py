@@ -18,12 +18,6 @@ from persam_dreambooth.evaluation.embedders import MetricModelError
 from persam_dreambooth.evaluation.scoring import METRICS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with tiny.torch_threads(1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     return tiny.tiny_compare_workspace(tmp_path_factory.getbasetemp() / "shared-compare" / "workspace")
@@ -215,3 +209,33 @@ def test_cli_mode_errors(tmp_path):
         args = parser.parse_args(common + extra)
         with pytest.raises(ValueError, match=match):
             args.func(args)
+
+
+def test_sam_model_flag_spellings():
+    """``--sam-model`` as in ``segment`` / ``eval-perseg``; ``--sam-model-type`` and ``--sam_model_type`` too."""
+    parser = argparse.ArgumentParser()
+    compare_cli.register(parser.add_subparsers())
+    common = ["compare", "--runs", "a=b", "--instance_data_dir", "x", "--class-noun", "dog", "--output-dir", "o"]
+    for flag in ("--sam-model", "--sam-model-type", "--sam_model_type"):
+        assert parser.parse_args([*common, flag, "vit_b"]).sam_model_type == "vit_b"
+    assert parser.parse_args(common).sam_model_type is None  # compare's default (vit_h) or the training config's
+
+
+def test_edited_instance_mask_rescores_but_keeps_the_images(ws, tmp_path):
+    masks = tmp_path / "masks"
+    shutil.copytree(ws["masked"] / "masks", masks)
+    out = tmp_path / "r"
+    kwargs = tiny.tiny_compare_kwargs(ws, out, runs={"vanilla": str(ws["vanilla"])}, num_images_per_prompt=1,
+                                      instance_mask_dir=str(masks))
+    first = compare(progress=False, **kwargs)
+    pngs = {p: p.stat().st_mtime_ns for p in (out / "generations").rglob("*.png")}
+    # the same file, new content: the subject of photo 02 drawn twice as big
+    mask = np.array(Image.open(masks / "02.png").convert("L")) > 127
+    mask[np.argwhere(mask).min(0)[0]:, :] |= mask.any(axis=0)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(masks / "02.png")
+    second = compare(progress=False, **kwargs)
+    assert {p: p.stat().st_mtime_ns for p in pngs} == pngs  # nothing regenerated
+    before = first.metrics["runs"]["vanilla"]["overall"]["background_leakage"]
+    after = second.metrics["runs"]["vanilla"]["overall"]["background_leakage"]
+    assert after != pytest.approx(before, abs=1e-6)  # ... but every image was scored against the new masks
+    assert second.metrics["real_images"]["background_leakage"] != first.metrics["real_images"]["background_leakage"]

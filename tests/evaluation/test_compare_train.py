@@ -7,17 +7,12 @@ import json
 
 import pytest
 import tiny
+import torch
 import yaml
 
 from persam_dreambooth.cli import compare as compare_cli
 from persam_dreambooth.config import ConfigError
 from persam_dreambooth.evaluation.train_compare import paired_train_configs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with tiny.torch_threads(1):
-        yield
 
 _MASK_KEYS = {"mask_source", "mask_dir", "reference_image", "reference_mask", "mask_method", "output_dir"}
 
@@ -61,6 +56,13 @@ def test_train_then_compare_end_to_end(ws, tmp_path):
     same = {k for k in masked if k not in _MASK_KEYS and k != "_meta"}
     assert {k: masked[k] for k in same} == {k: vanilla[k] for k in same}  # the runs differ in the mask alone
     assert (out / "train" / "masked" / "masks" / "masks_grid.jpg").is_file()
+    # same seed, steps and data: the weights differ because of the mask alone
+    from safetensors.torch import load_file
+
+    wm = load_file(out / "train" / "masked" / "pytorch_lora_weights.safetensors")
+    wv = load_file(out / "train" / "vanilla" / "pytorch_lora_weights.safetensors")
+    assert wm.keys() == wv.keys()
+    assert any(not torch.equal(wm[k], wv[k]) for k in wm)
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["runs"]) == ["base", "masked", "vanilla"]
     assert metrics["runs"]["vanilla"]["mask_source"] == "none"
@@ -105,3 +107,24 @@ def test_missing_metric_model_fails_before_training(ws, tmp_path):
     with pytest.raises(RuntimeError, match=r"--dino-model missing/dino"):
         args.func(args)
     assert not (out / "train").exists()
+
+
+def test_finished_run_matches_settings_the_trainer_resolved_at_run_time(ws, tmp_path):
+    """The trainer records what it ran with (``mixed_precision: no`` for a null in the config): still a match."""
+    from persam_dreambooth.config import to_dict
+    from persam_dreambooth.evaluation.train_compare import _needs_training
+
+    cfg = yaml.safe_load(_train_config(ws, tmp_path / "t.yaml").read_text())
+    pair = paired_train_configs(cfg, tmp_path / "out", instance_data_dir=str(ws["instance"]))
+    run = pair["vanilla"]
+    folder = tmp_path / "out" / "train" / "vanilla"
+    folder.mkdir(parents=True)
+    assert _needs_training(run)  # no weights yet
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    stored = {**to_dict(run), "mixed_precision": "no", "_meta": {"versions": {}}}
+    (folder / "config.resolved.yaml").write_text(yaml.safe_dump(stored), encoding="utf-8")
+    assert run.mixed_precision is None and not _needs_training(run)
+    with pytest.raises(ValueError, match=r"other settings \(mixed_precision: 'no' there, 'bf16' now\)"):
+        _needs_training(run.replace(mixed_precision="bf16"))
+    with pytest.raises(ValueError, match=r"other settings \(rank: "):
+        _needs_training(run.replace(rank=run.rank + 1))

@@ -106,3 +106,19 @@ def test_missing_layout_folder_is_named(tmp_path, tiny_sam_checkpoint, capsys):
     (tmp_path / "d" / "Images" / "x").mkdir(parents=True)
     assert _run(tmp_path / "d", tiny_sam_checkpoint, tmp_path / "o") == 2
     assert "Annotations" in capsys.readouterr().err
+
+
+def test_persam_f_end_to_end_records_the_weights(perseg, tiny_sam_checkpoint, tmp_path):
+    out = tmp_path / "eval_f"
+    assert _run(perseg, tiny_sam_checkpoint, out, "--method", "persam-f") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "persam-f"
+    for obj, c in metrics["classes"].items():
+        assert c["images"] == 2 and len(c["scale_weights"]) == 3
+        assert sum(c["scale_weights"]) == pytest.approx(1.0, abs=1e-5)
+        acc = PooledIoU()
+        for stem in ("01", "02"):
+            acc.add(load_mask(out / "masks" / obj / f"{stem}.png"),
+                    load_mask(perseg / "Annotations" / obj / f"{stem}.png"))
+        assert c["iou"] == pytest.approx(100 * acc.iou)
+    assert metrics["classes"]["duck"]["scale_weights"] != metrics["classes"]["red_can"]["scale_weights"]

@@ -4,6 +4,7 @@ on tiny CLIP and ViT models saved to folders."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,12 +23,6 @@ from persam_dreambooth.evaluation.image_metrics import (
 )
 from persam_dreambooth.evaluation.prompts import PromptSpec
 from persam_dreambooth.evaluation.scoring import RealImages, Scorer, aggregate
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with tiny.torch_threads(1):
-        yield
 
 
 def _unit(deg: float) -> list[float]:
@@ -165,3 +160,56 @@ def test_aggregate_means_per_group_and_prompt():
     assert agg["groups"]["g1"]["dino"] == pytest.approx(0.3) and agg["groups"]["g2"]["num_images"] == 1
     assert agg["overall"]["background_leakage"] is None
     assert [p["dino"] for p in agg["prompts"]] == pytest.approx([0.3, 0.9])
+
+
+def test_dino_embedding_is_the_cls_token_of_the_final_layer_norm(embedders, tmp_path):
+    """DINO's feature is ``norm(x)[:, 0]``; ViTModel's ``pooler_output`` would add a dense + tanh DINO never had."""
+    from transformers import ViTImageProcessor, ViTModel
+
+    dino, _ = embedders
+    assert getattr(dino.model, "pooler", None) is None
+    images = [tiny.synthetic_subject(40, 50, box_yx=(5, 5, 30, 40), seed=i)[0] for i in range(2)]
+    folder = tmp_path / "vit-with-pooler"  # a checkpoint that has pooler weights: they must not be used either
+    torch.manual_seed(1)
+    with_pooler = ViTModel(dino.model.config, add_pooling_layer=True).eval()
+    with_pooler.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    pixels = ViTImageProcessor(size={"height": 32, "width": 32})(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = with_pooler(pixel_values=pixels)
+    embedded = DinoEmbedder(str(folder)).embed(images)
+    torch.testing.assert_close(embedded, out.last_hidden_state[:, 0])  # (B, 1 + tokens, D) -> CLS (B, D)
+    assert not torch.allclose(embedded, out.pooler_output, atol=1e-3)
+
+
+def test_clip_embeddings_are_the_projected_features(embedders):
+    """CLIP-I / CLIP-T compare CLIP's projected embeddings (``projection_dim``), not the encoders' hidden states."""
+    _, clip = embedders
+    image = tiny.synthetic_subject(40, 50, box_yx=(5, 5, 30, 40))[0]
+    pixels = clip.processor(images=[image], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        vision = clip.model.vision_model(pixel_values=pixels).pooler_output  # (1, hidden 16)
+        expected = clip.model.visual_projection(vision)  # (1, projection 8)
+    torch.testing.assert_close(clip.embed_images([image]), expected)
+    tokens = clip.processor(text=["a red dog"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        text = clip.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        expected_t = clip.model.text_projection(text.pooler_output)
+    torch.testing.assert_close(clip.embed_texts(["a red dog"]), expected_t)
+
+
+def test_empty_instance_mask_is_named(embedders):
+    dino, clip = embedders
+    image, mask = tiny.synthetic_subject(48, 64, box_yx=(8, 10, 36, 50))
+    real = RealImages(paths=[Path("a.jpg"), Path("b.jpg")], images=[image, image], masks=[mask, np.zeros_like(mask)])
+    with pytest.raises(ValueError, match=r"The mask of instance image 'b.jpg' is empty.*--no-background-metrics"):
+        Scorer(dino, clip, real, segmenter=lambda im: mask)
+
+
+def test_real_images_fingerprint_sees_one_pixel():
+    image, mask = tiny.synthetic_subject(48, 64, box_yx=(8, 10, 36, 50))
+    real = RealImages(paths=[], images=[image], masks=[mask])
+    edited = mask.copy()
+    edited[0, 0] = not edited[0, 0]
+    assert real.fingerprint() == RealImages(paths=[], images=[image.copy()], masks=[mask.copy()]).fingerprint()
+    assert real.fingerprint() != RealImages(paths=[], images=[image], masks=[edited]).fingerprint()

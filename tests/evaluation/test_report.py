@@ -15,12 +15,6 @@ from PIL import Image
 from persam_dreambooth.evaluation.report import bar_chart_png, format_value, metrics_markdown
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with tiny.torch_threads(1):
-        yield
-
-
 class _Collector(HTMLParser):
     def __init__(self):
         super().__init__()
@@ -73,7 +67,7 @@ def test_html_parses_and_every_image_decodes(report):
         im = _decode(img["src"], report)
         assert im.width > 0 and im.height > 0 and img.get("alt")
     assert page.imgs[0]["alt"] == "bar chart of the metrics"  # the chart comes first
-    assert _decode(page.imgs[0]["src"], report).size == (1100, 380)
+    assert _decode(page.imgs[0]["src"], report).size == (1100, 640)  # absolute values above, deltas below
     for href in page.links:  # full-size grids, relative to the report
         assert not href.startswith(("http:", "https:", "/")), href
         _decode(href, report)
@@ -132,9 +126,39 @@ def test_bar_chart_skips_missing_metrics():
         run["overall"]["masked_dino"] = None
     im = Image.open(io.BytesIO(bar_chart_png(m)))
     im.load()
-    assert im.format == "PNG" and im.size == (1100, 380)
+    assert im.format == "PNG" and im.size == (1100, 640)
 
 
 def test_metrics_json_matches_markdown(report):
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics_markdown(metrics) == (report / "metrics.md").read_text(encoding="utf-8")
+
+
+def test_html_table_bolds_every_run_that_ties_as_shown():
+    from persam_dreambooth.evaluation.report_html import _table
+
+    m = _metrics()
+    base = m["runs"]["base"]["overall"]
+    rows = [("base", base, "base"),
+            ("a", {**base, "dino": 0.65231, "background_leakage": 0.30}, ""),
+            ("b", {**base, "dino": 0.65229, "background_leakage": 0.35}, "")]  # both DINO 0.652 on the page
+    html = _table(rows, base)
+    assert html.count('<td class="best">0.652') == 2
+    assert html.count('<td class="best">0.300') == 1  # leakage: lower is better
+    assert html.startswith('<div class="tw">')  # wide tables scroll in their own box
+
+
+def test_per_prompt_table_groups_runs_under_each_metric():
+    from persam_dreambooth.evaluation.report_html import _per_prompt_table
+
+    m = _metrics()
+    long = "masked_rank8_lr1e-4_persam_f_with_a_long_name"
+    m["runs"][long] = m["runs"]["masked"]
+    for run in m["runs"].values():
+        run["prompts"][0].update(dino=0.5, clip_t=0.2, background_leakage=0.4)
+    html = _per_prompt_table(m, list(m["runs"]), ["dino", "clip_t"])
+    assert html.count('colspan="3"') == 2 and "background leakage" not in html
+    # long names may wrap at their parts, never inside a word
+    assert html.count('<th class="run">masked_<wbr>rank8_<wbr>lr1e-<wbr>4_<wbr>persam_<wbr>f_<wbr>with_<wbr>') == 2
+    assert html.count('<th class="run">masked</th>') == 2
+    assert '<td class="prompt">p000 a red sks dog</td>' in html

@@ -7,15 +7,8 @@ import importlib.util
 import json
 
 import pytest
-import tiny
 
 from persam_dreambooth.cli import generate as generate_cli
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with tiny.torch_threads(1):
-        yield
 
 
 def _parse(argv):

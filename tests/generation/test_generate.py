@@ -11,12 +11,6 @@ from PIL import Image
 
 from persam_dreambooth.generation import GenerationConfig, generate, image_name, load_records, read_prompts_file
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with tiny.torch_threads(1):
-        yield
-
 PROMPTS = ["a photo of sks dog", "a dog"]
 
 
@@ -161,3 +155,107 @@ def test_prompts_file(tmp_path):
     path.write_text("# nothing\n", encoding="utf-8")
     with pytest.raises(ValueError, match="holds no prompts"):
         read_prompts_file(path)
+
+
+def _diff(a, b) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+def test_lora_scale_is_applied_and_does_not_leak_between_calls(tiny_sd_dir, lora_run, tmp_path):
+    """diffusers 0.42 + peft: ``cross_attention_kwargs={"scale": s}`` scales the LoRA for that call only."""
+    from persam_dreambooth.generation import load_pipeline
+
+    base = _pixels(_gen(tiny_sd_dir, tmp_path / "base", prompts=[PROMPTS[0]], num_images=1).image_paths()[0])
+    pipe = load_pipeline(str(tiny_sd_dir), lora=str(lora_run), device="cpu")
+    images = {}
+    for k, scale in enumerate((1.0, 0.0, 0.5, 1.0)):  # one pipeline: a scale must not stick to the next call
+        result = _gen(tiny_sd_dir, tmp_path / f"s{k}", prompts=[PROMPTS[0]], num_images=1, lora=str(lora_run),
+                      lora_scale=scale, pipeline=pipe)
+        images[k] = _pixels(result.image_paths()[0])
+        assert result.records[0]["lora_scale"] == scale
+    np.testing.assert_array_equal(images[1], base)  # scale 0 is the base model
+    np.testing.assert_array_equal(images[0], images[3])  # scale 1 before and after the other scales
+    fresh = _gen(tiny_sd_dir, tmp_path / "fresh", prompts=[PROMPTS[0]], num_images=1, lora=str(lora_run))
+    np.testing.assert_array_equal(_pixels(fresh.image_paths()[0]), images[0])  # = a freshly loaded LoRA pipeline
+    half, full = _diff(images[2], base), _diff(images[0], base)
+    assert 0.5 < half < full  # scale 0.5 lies between the base model and the full LoRA
+    assert _diff(images[2], images[0]) < full
+
+
+def test_retrained_weights_in_the_same_folder_are_not_reused(tiny_sd_dir, tmp_path):
+    run = tiny.save_tiny_lora_run(tmp_path / "run", tiny_sd_dir, seed=3)
+    out = tmp_path / "gen"
+    first = _gen(tiny_sd_dir, out, prompts=["a dog"], num_images=1, lora=str(run))
+    assert first.records[0]["weights_fingerprint"].startswith("sha256:")
+    tiny.save_tiny_lora_run(run, tiny_sd_dir, seed=4)  # trained again into the same folder
+    with pytest.raises(ValueError, match=r"other settings .*weights_fingerprint: 'sha256:"):
+        _gen(tiny_sd_dir, out, prompts=["a dog"], num_images=1, lora=str(run))
+
+
+class _FailingPipeline:
+    """The real pipeline, but the ``fail_on``-th call raises (a crash or Ctrl-C in the middle of a run)."""
+
+    def __init__(self, pipe, fail_on: int) -> None:
+        self.pipe, self.fail_on, self.calls = pipe, fail_on, 0
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise KeyboardInterrupt
+        return self.pipe(**kwargs)
+
+
+def test_interrupted_generation_leaves_complete_pngs_and_resumes(tiny_sd_dir, tmp_path):
+    from persam_dreambooth.generation import load_pipeline
+
+    out = tmp_path / "gen"
+    failing = _FailingPipeline(load_pipeline(str(tiny_sd_dir), device="cpu"), fail_on=2)
+    with pytest.raises(KeyboardInterrupt):
+        _gen(tiny_sd_dir, out, batch_size=3, pipeline=failing)
+    # the first batch (3 images) is on disk, complete and recorded; nothing else, no temporary files
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [
+        "generation.jsonl", "p000_i00_s5.png", "p000_i01_s6.png", "p001_i00_s5.png"]
+    assert len(load_records(out)) == 3
+    resumed = _gen(tiny_sd_dir, out, batch_size=3)
+    assert (resumed.num_generated, resumed.num_reused) == (1, 3)
+    fresh = _gen(tiny_sd_dir, tmp_path / "fresh", batch_size=3)
+    for a, b in zip(resumed.image_paths(), fresh.image_paths(), strict=True):
+        np.testing.assert_array_equal(_pixels(a), _pixels(b))
+
+
+def test_wrong_kind_of_weights_folder_fails_before_writing(tiny_sd_dir, lora_run, tmp_path):
+    with pytest.raises(ValueError, match=r"`--lora` folder .* holds a full pipeline .* pass it as `--model`"):
+        _gen(tiny_sd_dir, tmp_path / "a", lora=str(tiny_sd_dir))
+    with pytest.raises(ValueError, match=r"`--model` folder .* holds LoRA weights .* pass it as `--lora`"):
+        generate(model=str(lora_run), prompts=["a dog"], output_dir=str(tmp_path / "b"), progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_grid_of_more_than_four_images_labels_rows_with_seeds(tiny_sd_dir, tmp_path):
+    result = _gen(tiny_sd_dir, tmp_path / "gen", prompts=["a dog"], num_images=6, seed=10)
+    with Image.open(result.grids[0]) as grid:
+        rows_only = grid.size
+    # 2 rows of up to 4 tiles (32 px), plus a label column left of them ("seeds 10-13", "seeds 14-15")
+    assert rows_only[1] == 2 * 32 + 3 * 4 and rows_only[0] > 4 * 32 + 5 * 4 + 30
+
+
+def test_full_pipeline_fingerprint_follows_the_component_weights(tiny_sd_dir, tmp_path):
+    import os
+    import shutil
+
+    from persam_dreambooth.generation import find_run_weights
+    from persam_dreambooth.generation.pipeline import weights_fingerprint
+
+    run = tmp_path / "full"
+    shutil.copytree(tiny_sd_dir, run)  # copy2 keeps the times: the same weights
+    before = weights_fingerprint(find_run_weights(run, "--model"))
+    assert before == weights_fingerprint(find_run_weights(tiny_sd_dir, "--model")) and before.startswith("files:")
+    (run / "checkpoint-100").mkdir()
+    (run / "checkpoint-100" / "model.safetensors").write_bytes(b"x")  # training state, not the pipeline
+    assert weights_fingerprint(find_run_weights(run, "--model")) == before
+    unet = next((run / "unet").glob("*.safetensors"))
+    os.utime(unet, ns=(unet.stat().st_atime_ns, unet.stat().st_mtime_ns + 10**9))  # rewritten by a new training
+    assert weights_fingerprint(find_run_weights(run, "--model")) != before

@@ -77,4 +77,6 @@ def test_overlay_tints_only_the_mask():
     out = overlay_mask(image, mask)
     assert (out[~mask] == 100).all() and (out[mask][:, 0] > 100).all()
     sheet = masks_grid([image, image], [mask, mask], labels=["a", "b"], tile=32)
-    assert sheet.size == (64, 32 + 14)
+    # two 32-px tiles side by side, 4-px padding, one 12-px caption line (10-px font) under the row
+    assert sheet.size == (2 * 32 + 3 * 4, 32 + 12 + 2 * 4)
+    assert masks_grid([image, image], [mask, mask], tile=32).size == (2 * 32 + 3 * 4, 32 + 2 * 4)

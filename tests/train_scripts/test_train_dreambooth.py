@@ -86,3 +86,19 @@ def test_accelerate_launch_produces_loadable_lora(tiny_sd_dir, script_data, tmp_
     before = sample()
     pipe.load_lora_weights(out)
     assert np.abs(sample() - before).max() > 1e-5
+
+
+def test_script_reports_a_diverged_run(tiny_sd_dir, script_data, capsys, monkeypatch):
+    from persam_dreambooth.training import driver
+
+    real_step = driver.training_step
+
+    def nan_step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(driver, "training_step", nan_step)
+    rc = _script().main(_flags(tiny_sd_dir, script_data, script_data / "nan"))
+    assert rc == 1 and "The loss became nan at step 1" in capsys.readouterr().err
+    assert not (script_data / "nan" / "pytorch_lora_weights.safetensors").exists()

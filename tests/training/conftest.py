@@ -31,14 +31,3 @@ def train_kwargs(tiny_sd_dir, dreambooth_data, tmp_path):
         "seed": 0,
         "report_to": "none",
     }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run ~10x faster on one thread than on two busy shared cores (thread hand-off dominates)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -99,3 +99,19 @@ def test_8bit_adam_without_bitsandbytes(train_kwargs):
     _fails({**train_kwargs, "use_8bit_adam": True}, ValueError,
            r"`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes`")
     _nothing_written(train_kwargs)
+
+
+def test_two_images_with_the_same_stem(train_kwargs, dreambooth_data):
+    Image.open(dreambooth_data["instance"] / "01.jpg").save(dreambooth_data["instance"] / "01.png")
+    _fails(train_kwargs, ValueError,
+           r"`instance_data_dir`: .*01\.(jpg|png)' and .*01\.(jpg|png)' have the same name stem")
+    _nothing_written(train_kwargs)
+
+
+def test_lora_targets_the_model_lacks(train_kwargs):
+    _fails({**train_kwargs, "lora_target_modules": ["to_q", "to_qq"]}, ValueError,
+           r"`lora_target_modules` names modules the UNet2DConditionModel does not have: \['to_qq'\]")
+    _fails({**train_kwargs, "train_text_encoder": True, "text_encoder_lora_target_modules": ["q_proj", "query"]},
+           ValueError,
+           r"`text_encoder_lora_target_modules` names modules the CLIPTextModel does not have: \['query'\]")
+    _nothing_written(train_kwargs)

@@ -41,7 +41,7 @@ def test_auto_values_are_resolved():
         ({"mask_source": "none", "mask_dir": "m"}, "contradicts `mask_dir`"),
         ({"reference_image": "r.jpg"}, "exactly one of `reference_mask`, `reference_box` or `reference_point`"),
         ({"reference_image": "r", "reference_box": [5, 5, 1, 9]}, "x0 < x1"),
-        ({"reference_image": "r", "reference_point": [1]}, "`reference_point` must be x y"),
+        ({"reference_image": "r", "reference_point": [1]}, "`reference_point` must be 2 numbers x,y"),
         ({"mask_source": "persam_f", "mask_method": "persam", "reference_image": "r", "reference_point": [1, 2]},
          "contradicts `mask_source`"),
         ({"mask_dir": "m", "reference_image": "r", "reference_point": [1, 2]}, "either `mask_dir` or"),
@@ -99,3 +99,34 @@ def test_example_configs_load(name):
     cfg = from_dict(TrainConfig, load_config_file(path))
     assert cfg.train_mode == ("full" if name == "dreambooth_full" else "lora")
     assert (cfg.mask_source == "none") == (name == "dreambooth_vanilla")
+
+
+@pytest.mark.parametrize(
+    ("box", "point"),
+    [
+        (["60,40,420,470"], ["5,6"]),  # the `persam-dreambooth segment --ref-box` form
+        (["60", "40", "420", "470"], ["5", "6"]),
+        (["60, 40,", "420,470"], ["5 , 6"]),
+    ],
+)
+def test_reference_box_and_point_flags_take_comma_or_space_separated_numbers(tmp_path, box, point):
+    path = tmp_path / "ref.yaml"
+    # the YAML holds a list; the flag replaces it
+    path.write_text(yaml.safe_dump({**REQUIRED, "reference_image": "r.jpg", "reference_box": [1, 2, 3, 4]}))
+    assert _parse(["--config", str(path)]).reference_box == [1.0, 2.0, 3.0, 4.0]
+    assert _parse(["--config", str(path), "--reference_box", *box]).reference_box == [60.0, 40.0, 420.0, 470.0]
+    path.write_text(yaml.safe_dump({**REQUIRED, "reference_image": "r.jpg"}))
+    assert _parse(["--config", str(path), "--reference_point", *point]).reference_point == [5.0, 6.0]
+
+
+def test_reference_flags_reject_bad_numbers(tmp_path, capsys):
+    path = tmp_path / "ref.yaml"
+    path.write_text(yaml.safe_dump({**REQUIRED, "reference_image": "r.jpg"}))
+    with pytest.raises(SystemExit):
+        _parse(["--config", str(path), "--reference_box", "60,40,x,470"])
+    assert "`--reference_box` must be numbers x0,y0,x1,y1 (comma- or space-separated), got '60,40,x,470'" in \
+        capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"`reference_box` must be 4 numbers x0,y0,x1,y1.*\[60\.0, 40\.0, 420\.0\]"):
+        _parse(["--config", str(path), "--reference_box", "60,40,420"])
+    with pytest.raises(SystemExit):
+        _parse(["--config", str(path), "--reference_point", "nan,4"])

@@ -78,8 +78,12 @@ def test_per_sample_terms_average_to_the_loss_and_carry_snr_weights(normalize):
     snr = torch.tensor([0.5, 5.0, 50.0])
     weights = min_snr_weights(snr, 5.0, "epsilon")
     assert torch.allclose(weights, torch.tensor([1.0, 1.0, 0.1]))
-    assert torch.allclose(min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+    # diffusers' DreamBooth formula: v-prediction adds 1 to the epsilon weight; sample uses the epsilon weight
+    assert torch.allclose(min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([2.0, 2.0, 1.1]))
+    assert torch.allclose(min_snr_weights(snr, 5.0, "sample"), weights)
     assert (terms * weights).mean() < terms.mean()
+    with pytest.raises(ValueError, match="`prediction_type` must be"):
+        min_snr_weights(snr, 5.0, "flow")
 
 
 def test_empty_mask_sample_contributes_zero_not_nan():

@@ -56,3 +56,35 @@ def test_v_prediction_snr_and_offset_noise(setup):
     cfg = config.replace(snr_gamma=5.0, offset_noise=True)
     out = training_step(batch, models, cfg, torch.Generator().manual_seed(2))
     assert torch.isfinite(out.loss) and out.prior_loss is None
+
+
+def test_prior_half_is_unmasked_plain_mse_and_gets_no_snr_weight(setup):
+    config, comps, models, batch = setup
+    models.class_embeds = models.instance_embeds.flip(-1)  # another prompt for the class half
+    g = torch.Generator().manual_seed(4)
+    batch = dict(batch, class_pixel_values=torch.rand(2, 3, 32, 32, generator=g) * 2 - 1)
+    cfg = config.replace(prior_loss_weight=0.5)
+
+    def run(b, c=cfg):
+        return training_step(b, models, c, torch.Generator().manual_seed(3))
+
+    with torch.no_grad():
+        base = run(batch)
+        assert base.prior_loss is not None
+        assert base.loss.item() == pytest.approx(base.instance_loss.item() + 0.5 * base.prior_loss.item(), rel=1e-6)
+        # class images are never masked: the instance mask leaves the prior term alone
+        half = torch.zeros(2, 1, 16, 16)
+        half[..., :8] = 1.0
+        masked = run(dict(batch, instance_latent_mask=half))
+        assert masked.prior_loss.item() == pytest.approx(base.prior_loss.item(), rel=1e-6)
+        assert masked.instance_loss.item() != pytest.approx(base.instance_loss.item(), rel=1e-3)
+        # the halves are chunked correctly: class pixels reach only the prior term, instance pixels only theirs
+        other_class = run(dict(batch, class_pixel_values=-batch["class_pixel_values"]))
+        assert other_class.instance_loss.item() == pytest.approx(base.instance_loss.item(), rel=1e-5)
+        assert other_class.prior_loss.item() != pytest.approx(base.prior_loss.item(), rel=1e-3)
+        other_instance = run(dict(batch, instance_pixel_values=-batch["instance_pixel_values"]))
+        assert other_instance.prior_loss.item() == pytest.approx(base.prior_loss.item(), rel=1e-5)
+        # Min-SNR weights the instance term only
+        snr = run(batch, cfg.replace(snr_gamma=1e-3))  # below the SNR of any timestep drawn here
+        assert snr.prior_loss.item() == pytest.approx(base.prior_loss.item(), rel=1e-6)
+        assert snr.instance_loss.item() != pytest.approx(base.instance_loss.item(), rel=1e-3)

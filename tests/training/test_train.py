@@ -1,12 +1,15 @@
 """End-to-end runs of ``train(config)`` on the tiny Stable Diffusion (CPU, 32 px, a few steps each)."""
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tiny
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from persam_dreambooth.config import from_dict, load_config_file
@@ -40,16 +43,21 @@ def test_masked_lora_run_outputs(train_kwargs, tiny_sd_dir, tmp_path):
     assert "checkpoint-1" not in names and not [n for n in names if n.startswith(".")]  # rotated; no temp files
     resolved = load_config_file(out / "config.resolved.yaml")
     assert resolved.pop("_meta")["versions"]["persam_dreambooth"]
-    assert from_dict(TrainConfig, resolved) == config  # the resolved file rebuilds the run's config
+    # the resolved file rebuilds the run's config, with the auto values filled in (seed given; precision of the run)
+    assert from_dict(TrainConfig, resolved) == config.replace(mixed_precision="no")
     assert resolved["mask_source"] == "dir" and resolved["learning_rate"] == 1e-2 and resolved["lora_alpha"] == 4.0
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["00.png", "01.png", "02.png", "masks.json",
                                                                   "masks_grid.jpg"]
     assert json.loads((out / "masks" / "masks.json").read_text())["source"] == "dir"
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["final.png", "step-000002.png"]
-    assert Image.open(out / "validation" / "final.png").size == (64, 32)  # 2 images of 32 px side by side
+    # 2 images of 32 px side by side with 4-px padding (persam_dreambooth.utils.grids.tile_grid)
+    assert Image.open(out / "validation" / "final.png").size == (2 * 32 + 3 * 4, 32 + 2 * 4)
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     card = (out / "README.md").read_text()
     assert "![masks](masks/masks_grid.jpg)" in card and "validation/final.png" in card and "load_lora_weights" in card
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card)
+    assert len(links) == 3 and all(not Path(link).is_absolute() and (out / link).is_file() for link in links)
+    assert card.index("validation/step-000002.png") < card.index("validation/final.png")
     assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
 
     weights = load_file(out / "pytorch_lora_weights.safetensors")
@@ -70,12 +78,21 @@ def test_full_fine_tune_saves_a_loadable_pipeline(train_kwargs, tiny_sd_dir):
 
 
 def test_text_encoder_lora_with_gradient_checkpointing(train_kwargs, tiny_sd_dir):
-    out = train(TrainConfig(**{**train_kwargs, "train_text_encoder": True, "gradient_checkpointing": True}))
+    out = train(TrainConfig(**{**train_kwargs, "train_text_encoder": True, "gradient_checkpointing": True,
+                               "rank": 2, "lora_alpha": 8.0}))
     weights = load_file(out / "pytorch_lora_weights.safetensors")
+    with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as handle:  # alpha != rank travels in the file
+        metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert metadata["unet.r"] == metadata["text_encoder.r"] == 2
+    assert metadata["unet.lora_alpha"] == metadata["text_encoder.lora_alpha"] == 8.0
     te_up = [v for k, v in weights.items() if k.startswith("text_encoder.") and ".up." in k]
     assert te_up and max(v.abs().max().item() for v in te_up) > 0  # lora B starts at zero: it was trained
     pipe = _pipe(tiny_sd_dir)
-    pipe.load_lora_weights(out)
+    ids = pipe.tokenizer("a photo of sks dog", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids)[0]
+        pipe.load_lora_weights(out)
+        assert (pipe.text_encoder(ids)[0] - before).abs().max() > 1e-6  # the text-encoder LoRA is loaded too
 
 
 def test_vanilla_with_cached_latents_and_prior_preservation(train_kwargs, tmp_path):
@@ -101,6 +118,11 @@ def test_vanilla_with_cached_latents_and_prior_preservation(train_kwargs, tmp_pa
     paths = ensure_class_images(TrainConfig(**{**kwargs, "num_class_images": 3}), PartialState(), seed=0)
     assert len(paths) == 3 and {p.name: p.stat().st_mtime_ns for p in first} == stamps
     assert ensure_class_images(TrainConfig(**{**kwargs, "num_class_images": 3}), PartialState(), seed=0) == paths
+    # an interrupted (multi-process) generation leaves a gap: the gap is filled with the very image it lacked
+    paths[1].unlink()
+    again = ensure_class_images(TrainConfig(**{**kwargs, "num_class_images": 3}), PartialState(), seed=0)
+    assert [p.name for p in again] == [p.name for p in paths] and [p.name[:5] for p in again] == ["00000", "00001",
+                                                                                                   "00002"]
 
 
 def test_resume_after_interruption_ends_with_the_same_weights(train_kwargs, tmp_path, monkeypatch):
@@ -121,9 +143,11 @@ def test_resume_after_interruption_ends_with_the_same_weights(train_kwargs, tmp_
     interrupted = {**common, "output_dir": str(tmp_path / "resumed")}
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**interrupted))
-    monkeypatch.setattr(driver, "training_step", real_step)
     assert not (tmp_path / "resumed" / "pytorch_lora_weights.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-2"]
+    calls["n"] = -100  # count the resumed run's steps, without crashing
     resumed = train(TrainConfig(**{**interrupted, "resume_from_checkpoint": "latest"}))
+    assert calls["n"] == -100 + 2  # steps 3 and 4 only: it started from checkpoint-2
 
     a = load_file(straight / "pytorch_lora_weights.safetensors")
     b = load_file(resumed / "pytorch_lora_weights.safetensors")
@@ -161,3 +185,32 @@ def test_persam_masks_made_before_training(train_kwargs, dreambooth_data, tiny_s
     record = json.loads((out / "masks" / "masks.json").read_text())
     assert record["method"] == "persam" and record["sam_model_type"] == "tiny" and len(record["images"]) == 3
     assert (out / "masks" / "masks_grid.jpg").is_file()
+
+
+def test_bf16_keeps_trainable_lora_in_fp32_and_does_not_leak_into_the_next_run(train_kwargs, tmp_path, monkeypatch):
+    from persam_dreambooth.training import loop
+
+    seen = []
+
+    def spy(config, comps, device, dtype):
+        trained = real_prepare(config, comps, device, dtype)
+        seen.append(({p.dtype for p in trained.parameters()},
+                     {p.dtype for p in comps.unet.parameters() if not p.requires_grad},
+                     {p.dtype for p in comps.text_encoder.parameters() if not p.requires_grad}))
+        return trained
+
+    real_prepare = loop.prepare_models
+    monkeypatch.setattr(loop, "prepare_models", spy)
+    out = train(TrainConfig(**{**train_kwargs, "mixed_precision": "bf16", "train_text_encoder": True,
+                               "validation_prompt": "a photo of sks dog", "num_validation_images": 1,
+                               "validation_inference_steps": 2}))
+    assert seen[0] == ({torch.float32}, {torch.bfloat16}, {torch.bfloat16})
+    assert "mixed_precision: bf16" in (out / "config.resolved.yaml").read_text()
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert any(k.startswith("text_encoder.") for k in weights) and (out / "validation" / "final.png").is_file()
+    # the next in-process run without `mixed_precision` runs in fp32 (accelerate's process-wide state is not reused)
+    train(TrainConfig(**{**train_kwargs, "output_dir": str(tmp_path / "after"), "max_train_steps": 1}))
+    assert seen[1][0] == {torch.float32} and seen[1][1] == {torch.float32}
+    assert "mixed_precision: 'no'" in (tmp_path / "after" / "config.resolved.yaml").read_text()
