@@ -44,11 +44,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from persam_dreambooth.evaluation.perseg import discover_perseg, evaluate_perseg
+    from persam_dreambooth.evaluation.perseg import evaluate_perseg
     from persam_dreambooth.segmentation.persam import PerSAM
     from persam_dreambooth.segmentation.sam import SAM_BUILDERS, load_sam, resolve_device
     from persam_dreambooth.segmentation.visualize import draw_overlay
-    from persam_dreambooth.utils.io import ensure_output_dir
+    from persam_dreambooth.utils.io import check_output_dir
 
     # Validate everything before loading SAM or writing anything.
     if args.sam_model not in SAM_BUILDERS:
@@ -58,27 +58,20 @@ def run(args: argparse.Namespace) -> int:
     if not args.dilation_ratio > 0:
         raise ValueError(f"`--dilation-ratio` must be > 0, got {args.dilation_ratio}.")
     device = resolve_device(args.device, "--device")
-    discover_perseg(args.data, args.ref)
-    out = Path(args.output)
-    for candidate in (out, *out.parents):
-        if candidate.exists() and not candidate.is_dir():
-            raise NotADirectoryError(f"`--output` must be a folder, but {str(candidate)!r} is an existing file.")
+    out = check_output_dir(args.output, "--output")
 
-    sam = load_sam(args.sam_model, checkpoint=args.sam_checkpoint, device=device)
-    if args.method == "persam":
-        def make() -> Any:
-            return PerSAM(sam)
-    else:
-        from persam_dreambooth.segmentation.persam_f import PerSAMF
+    def make() -> Any:  # called by evaluate_perseg once every data file is checked, before anything is written
+        sam = load_sam(args.sam_model, checkpoint=args.sam_checkpoint, device=device)
+        if args.method == "persam-f":
+            from persam_dreambooth.segmentation.persam_f import PerSAMF
 
-        def make() -> Any:
             return PerSAMF(sam)
+        return PerSAM(sam)
 
     def overlay(image: Any, seg: Any) -> Any:
         return draw_overlay(image, seg.mask, seg.points_xy, seg.point_labels, seg.similarity,
                             getattr(seg, "box_xyxy", None))
 
-    ensure_output_dir(out, "--output")
     metrics = evaluate_perseg(
         args.data, out, make, method=args.method, sam_model=args.sam_model, ref=args.ref,
         dilation_ratio=args.dilation_ratio, draw_overlay=overlay,

@@ -100,9 +100,10 @@ def parse_box(text: str, width: int, height: int, arg_name: str = "--ref-box") -
     """Parse ``"x0,y0,x1,y1"`` (pixels) and check ``0 <= x0 < x1 <= W``, ``0 <= y0 < y1 <= H``."""
     x0, y0, x1, y1 = _parse_numbers(text, 4, arg_name, "x0,y0,x1,y1")
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        swapped = " (the corners look swapped: give the top-left corner x0,y0 first)" if x0 > x1 or y0 > y1 else ""
         raise ValueError(
             f"`{arg_name}` must lie inside the reference image (W x H = {width} x {height}) with x0 < x1 and y0 < y1, "
-            f"i.e. 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}; got {text!r}."
+            f"i.e. 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}; got {text!r}{swapped}."
         )
     return x0, y0, x1, y1
 
@@ -158,15 +159,6 @@ class _Plan:
     cache_dir: Path | None
 
 
-def _check_folder_arg(path: Path, arg_name: str) -> None:
-    for candidate in (path, *path.parents):
-        if candidate.exists() and not candidate.is_dir():
-            raise NotADirectoryError(
-                f"`{arg_name}` must be a folder, but {str(candidate)!r} is an existing file"
-                + ("" if candidate == path else f" (a parent of {str(path)!r})") + "; choose another path."
-            )
-
-
 def _nth(arg_name: str, index: int, total: int) -> str:
     return arg_name if total == 1 else f"{arg_name} #{index + 1}"
 
@@ -214,10 +206,11 @@ def validate(args: argparse.Namespace) -> _Plan:
 
     The photos themselves are decoded later by ``prepare_album`` (only those still to do, split between processes).
     """
-    from persam_dreambooth.data.images import list_images
-    from persam_dreambooth.segmentation.album import check_unique_stems
+    from persam_dreambooth.data.images import check_unique_stems, list_images
+    from persam_dreambooth.segmentation.album import check_instance_stems
     from persam_dreambooth.segmentation.encoding import check_encoder_dtype
     from persam_dreambooth.segmentation.sam import SAM_BUILDERS, resolve_device
+    from persam_dreambooth.utils.io import check_output_dir
 
     if args.method not in METHODS:
         raise ValueError(f"`--method` must be one of {list(METHODS)}, got {args.method!r}.")
@@ -247,17 +240,15 @@ def validate(args: argparse.Namespace) -> _Plan:
 
         threshold = DEFAULT_SIMILARITY_THRESHOLD if threshold is None else threshold
         overlap = DEFAULT_OVERLAP_IOU if overlap is None else overlap
-    output = Path(args.output)
-    _check_folder_arg(output, "--output")
-    cache_dir = None
-    if args.cache_dir is not None:
-        cache_dir = Path(args.cache_dir)
-        _check_folder_arg(cache_dir, "--cache-dir")
+    output = check_output_dir(args.output, "--output")
+    cache_dir = None if args.cache_dir is None else check_output_dir(args.cache_dir, "--cache-dir")
 
     ref_images, ref_masks, boxes, points = _references(args)
     images = list_images(args.images, "--images")
     reserved = () if ref_masks is not None else reference_mask_stems(len(ref_images))
-    stems = check_unique_stems(images, "--images", reserved=reserved, instances=max_instances is not None)
+    stems = check_unique_stems(images, "--images", reserved=reserved)
+    if max_instances is not None:
+        check_instance_stems(images, "--images")
     return _Plan(list(args.ref_image), ref_images, ref_masks, boxes, points, images, stems, output, batch_size,
                  max_instances, threshold, overlap, cache_dir)
 

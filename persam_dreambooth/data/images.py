@@ -6,17 +6,18 @@
   bool, 0/1, 0/255, L, P (palette *index* nonzero), RGB (any channel nonzero), RGBA/LA (the alpha channel, unless
   it is fully opaque everywhere, in which case the colour channels decide), 16-bit and float masks.
 * :func:`list_images` lists the image files of a folder (or checks a list of files), sorted by name.
+* :func:`check_unique_stems` checks that photos have distinct file stems (outputs and masks are matched by stem).
 
 Every error names the argument and the value (``FileNotFoundError`` / ``ValueError``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,10 +31,13 @@ __all__ = [
     "load_mask",
     "open_image",
     "check_same_size",
+    "check_unique_stems",
     "find_mask_for",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+logger = logging.getLogger(__name__)
 
 ImageLike = str | os.PathLike[str] | Image.Image | np.ndarray
 MaskLike = str | os.PathLike[str] | Image.Image | np.ndarray
@@ -152,10 +156,25 @@ def _pil_mask(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L")) != 0
 
 
+def _warn_lossy_mask(img: Image.Image, path: str | os.PathLike[str], arg_name: str) -> None:
+    """Log a warning when a JPEG mask holds faint values: compression noise that counts as foreground."""
+    gray = np.asarray(img.convert("L"))
+    faint = int(np.count_nonzero((gray > 0) & (gray < 128)))
+    if faint:
+        logger.warning(
+            "`%s` %r is a JPEG: lossy compression leaves faint nonzero pixels (%d here, values 1-127) around the "
+            "object, and every nonzero pixel counts as foreground. Save masks as PNG.", arg_name, os.fspath(path),
+            faint,
+        )
+
+
 def load_mask(mask: MaskLike, arg_name: str = "mask") -> np.ndarray:
     """Load ``mask`` as an ``(H, W)`` bool array, foreground = nonzero (see the module docstring for formats)."""
     if isinstance(mask, str | os.PathLike):
-        return _pil_mask(open_image(mask, arg_name))
+        img = open_image(mask, arg_name)
+        if img.format == "JPEG" or Path(mask).suffix.lower() in (".jpg", ".jpeg"):
+            _warn_lossy_mask(img, mask, arg_name)
+        return _pil_mask(img)
     if isinstance(mask, Image.Image):
         return _pil_mask(mask)
     if isinstance(mask, np.ndarray):
@@ -211,10 +230,13 @@ def list_images(
         if not src.exists():
             raise FileNotFoundError(f"`{arg_name}`: {str(src)!r} does not exist.")
         if src.is_dir():
-            found = sorted(
-                p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
-                and p.suffix.lower() in IMAGE_EXTENSIONS
-            )
+            files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
+            found = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+            skipped = [p.name for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+            if skipped:
+                logger.info("`%s`: skipped %d file(s) in %s that are not images (%s): %s", arg_name, len(skipped),
+                            src, ", ".join(IMAGE_EXTENSIONS), ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5
+                                                                                       else ""))
             if not found:
                 raise ValueError(
                     f"`{arg_name}`: folder {str(src)!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)})."
@@ -223,6 +245,38 @@ def list_images(
         else:
             out.append(src)
     return out
+
+
+def check_unique_stems(
+    paths: Sequence[str | os.PathLike[str]], arg_name: str = "images", reserved: Iterable[str] = ()
+) -> list[str]:
+    """The file stems of ``paths``, checked to be distinct (case-insensitively) and not ``reserved``.
+
+    Outputs (and masks) are matched to photos by stem, so ``a.jpg`` and ``a.png`` (or ``A.jpg`` on a
+    case-insensitive disk) would overwrite each other.
+
+    Raises:
+        ValueError: two paths share a stem, or a stem is reserved; the message names the files.
+    """
+    seen: dict[str, Path] = {}
+    reserved_cf = {r.casefold(): r for r in reserved}
+    stems = []
+    for raw in paths:
+        path = Path(raw)
+        key = path.stem.casefold()
+        if key in reserved_cf:
+            raise ValueError(
+                f"`{arg_name}`: {str(path)!r} would be saved as {path.stem!r}, a name this command uses for its own "
+                f"output ({reserved_cf[key]!r}); rename the file."
+            )
+        if key in seen:
+            raise ValueError(
+                f"`{arg_name}`: {str(seen[key])!r} and {str(path)!r} have the same name stem {path.stem!r}; outputs "
+                "are named by stem and would overwrite each other. Rename one, or run them separately."
+            )
+        seen[key] = path
+        stems.append(path.stem)
+    return stems
 
 
 def find_mask_for(image_path: str | os.PathLike[str], mask_dir: str | os.PathLike[str]) -> Path | None:
@@ -234,14 +288,3 @@ def find_mask_for(image_path: str | os.PathLike[str], mask_dir: str | os.PathLik
             if cand.is_file():
                 return cand
     return None
-
-
-def describe(obj: Any) -> str:
-    """A short human description of an image argument for error messages."""
-    if isinstance(obj, str | os.PathLike):
-        return repr(os.fspath(obj))
-    if isinstance(obj, np.ndarray):
-        return f"array{tuple(obj.shape)}"
-    if isinstance(obj, Image.Image):
-        return f"PIL {obj.mode} {obj.size[0]}x{obj.size[1]}"
-    return type(obj).__name__

@@ -321,7 +321,7 @@ def _reference_fingerprint(reference: Mapping[str, str] | None) -> dict[str, str
     """Short SHA-256 digests of the PerSAM reference image and mask files (``None`` without a reference)."""
     if reference is None:
         return None
-    from persam_dreambooth.segmentation.sam import file_sha256
+    from persam_dreambooth.utils.io import file_sha256
 
     return {role: file_sha256(path)[:16] for role, path in reference.items()}
 

@@ -26,7 +26,14 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from persam_dreambooth.data.images import check_same_size, find_mask_for, list_images, load_image, load_mask
+from persam_dreambooth.data.images import (
+    check_same_size,
+    find_mask_for,
+    list_images,
+    load_image,
+    load_mask,
+    open_image,
+)
 from persam_dreambooth.evaluation.segmentation_metrics import (
     DEFAULT_DILATION_RATIO,
     PooledIoU,
@@ -34,7 +41,7 @@ from persam_dreambooth.evaluation.segmentation_metrics import (
 )
 from persam_dreambooth.utils.io import atomic_save_image, atomic_write_json, atomic_write_text, ensure_output_dir
 
-__all__ = ["PerSegObject", "discover_perseg", "evaluate_perseg", "format_markdown"]
+__all__ = ["PerSegObject", "check_perseg_files", "discover_perseg", "evaluate_perseg", "format_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +105,25 @@ def discover_perseg(data: str | Path, ref: str = "00") -> list[PerSegObject]:
     return objects
 
 
+def check_perseg_files(objects: list[PerSegObject]) -> None:
+    """Decode every image and annotation of ``objects`` and check them, before any work. Writes nothing.
+
+    Raises:
+        FileNotFoundError, ValueError: an unreadable file, an annotation whose size differs from its image's (both
+            sizes named), or an empty reference annotation (nothing to look for).
+    """
+    for obj in objects:
+        pairs = [(obj.reference_image, obj.reference_mask)] + [(img, ann) for _, img, ann in obj.tests]
+        for index, (img_path, ann_path) in enumerate(pairs):
+            with open_image(img_path, f"--data {obj.name}/{img_path.name}") as img:
+                image_hw = (img.height, img.width)
+            mask = load_mask(ann_path, f"--data annotation {obj.name}/{ann_path.name}")
+            check_same_size(image_hw, mask.shape, str(img_path), str(ann_path))
+            if index == 0 and not mask.any():
+                raise ValueError(f"`--data`: the reference annotation {str(ann_path)!r} of object {obj.name!r} is "
+                                 "empty (no foreground pixel), so there is nothing to look for.")
+
+
 def format_markdown(metrics: dict[str, Any]) -> str:
     """A Markdown table: one row per class (IoU, bIoU, accuracy in %, image count) and the overall means."""
     lines = [
@@ -132,13 +158,15 @@ def evaluate_perseg(
 
     Args:
         make_segmenter: returns an object with ``set_reference(image, mask)`` and ``segment(image) -> Segmentation``
-            (``PerSAM`` or ``PerSAMF``); called once, the reference is reset per object.
+            (``PerSAM`` or ``PerSAMF``); called once, after every file was checked (:func:`check_perseg_files`) and
+            before anything is written, the reference is reset per object.
         draw_overlay: ``(image (H, W, 3) uint8, segmentation) -> PIL image``; no overlays when ``None``.
         extra: recorded under ``"settings"`` in ``metrics.json`` (e.g. PerSAM-F's weights per object).
     """
     objects = discover_perseg(data, ref)
+    check_perseg_files(objects)
+    segmenter = make_segmenter()  # may load the model: before the output folder exists, so a failure writes nothing
     output = ensure_output_dir(output, "--output")
-    segmenter = make_segmenter()
     per_class: dict[str, PooledIoU] = {}
     per_object_info: dict[str, dict[str, Any]] = {}
     total = sum(len(o.tests) for o in objects)

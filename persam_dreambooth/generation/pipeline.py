@@ -80,7 +80,7 @@ def weights_fingerprint(weights: RunWeights) -> str:
     counts as a change too.
     """
     if weights.kind == "lora":
-        from persam_dreambooth.segmentation.sam import file_sha256
+        from persam_dreambooth.utils.io import file_sha256
 
         return "sha256:" + file_sha256(weights.path / LORA_WEIGHT_NAME)[:16]
     # Only the pipeline's components (model_index.json keys such as unet/, text_encoder/), not checkpoint-N/ folders

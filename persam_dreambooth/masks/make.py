@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from persam_dreambooth.data.images import check_same_size, load_image, load_mask
+from persam_dreambooth.data.images import check_same_size, check_unique_stems, load_image, load_mask
 from persam_dreambooth.masks.overlay import masks_grid
 from persam_dreambooth.masks.store import MaskSet
 from persam_dreambooth.utils.io import atomic_save_image
@@ -40,20 +40,15 @@ def segmenter_class(method: str) -> Any:
     """``PerSAM`` or ``PerSAMF`` (same interface: ``set_reference`` / ``set_reference_embedding`` / ``segment``).
 
     Raises:
-        ValueError: unknown method, or PerSAM-F is not part of this installation.
+        ValueError: unknown method.
     """
     if method == "persam":
         from persam_dreambooth.segmentation.persam import PerSAM
 
         return PerSAM
     if method == "persam_f":
-        try:
-            from persam_dreambooth.segmentation.persam_f import PerSAMF
-        except ImportError as exc:
-            raise ValueError(
-                "`mask_method: persam_f` is not available in this installation yet "
-                f"(persam_dreambooth.segmentation.persam_f: {exc}); use `mask_method: persam`."
-            ) from exc
+        from persam_dreambooth.segmentation.persam_f import PerSAMF
+
         return PerSAMF
     raise ValueError(f"`mask_method` must be 'persam' or 'persam_f', got {method!r}.")
 
@@ -100,8 +95,6 @@ def make_mask_set(
     Raises:
         ValueError: not exactly one reference prompt, an empty reference, or an image where nothing was found.
     """
-    from persam_dreambooth.segmentation.album import check_unique_stems
-
     given = [x for x in (reference_mask, reference_box, reference_point) if x is not None]
     if len(given) != 1:
         raise ValueError("Give exactly one of `reference_mask`, `reference_box` and `reference_point`.")
@@ -189,8 +182,6 @@ def copy_mask_set(
     images: Sequence[str | os.PathLike[str]], source: MaskSet, out_dir: str | os.PathLike[str]
 ) -> MaskSet:
     """Copy the masks of ``images`` from ``source`` into ``out_dir`` as PNG, with a record naming the source."""
-    from persam_dreambooth.segmentation.album import check_unique_stems
-
     stems = check_unique_stems(images, arg_name="instance images")
     masks, entries = {}, {}
     for path, stem in zip(images, stems, strict=True):

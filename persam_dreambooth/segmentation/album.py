@@ -17,7 +17,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +38,7 @@ __all__ = [
     "RESULTS_FILE",
     "REFERENCE_MASK_STEM",
     "AlbumOptions",
-    "check_unique_stems",
+    "check_instance_stems",
     "instance_record",
     "output_complete",
     "save_instances",
@@ -57,48 +57,23 @@ _INSTANCE = "{stem}_inst{index}"  # one PNG per instance, numbered from 1
 _INSTANCE_RE = re.compile(r"^(?P<stem>.+)_inst(?P<index>[1-9][0-9]*)$", re.IGNORECASE)
 
 
-def check_unique_stems(
-    paths: Sequence[str | os.PathLike[str]],
-    arg_name: str = "images",
-    reserved: Iterable[str] = (),
-    instances: bool = False,
-) -> list[str]:
-    """The file stems of ``paths``, checked to be distinct (case-insensitively) and not ``reserved``.
+def check_instance_stems(paths: Sequence[str | os.PathLike[str]], arg_name: str = "images") -> None:
+    """Reject a photo whose stem is another photo's instance-mask name (``a_inst2.jpg`` beside ``a.jpg``).
 
-    Outputs are named by stem, so ``a.jpg`` and ``a.png`` (or ``A.jpg`` on a case-insensitive disk) would overwrite
-    each other. With ``instances`` (several instances per photo), ``a_inst2.jpg`` would collide with the second
-    instance mask of ``a.jpg`` and is rejected too.
+    With several instances per photo, ``a.jpg`` writes ``a_inst1.png``, ``a_inst2.png``...; a photo ``a_inst2.jpg``
+    would overwrite one of them. (Distinct stems are :func:`~persam_dreambooth.data.images.check_unique_stems`'s job.)
 
     Raises:
-        ValueError: two paths share a stem, or a stem is reserved; the message names the files.
+        ValueError: such a collision; the message names both files.
     """
-    seen: dict[str, Path] = {}
-    reserved_cf = {r.casefold(): r for r in reserved}
-    stems = []
-    for raw in paths:
-        path = Path(raw)
-        key = path.stem.casefold()
-        if key in reserved_cf:
+    by_stem = {Path(p).stem.casefold(): Path(p) for p in paths}
+    for path in by_stem.values():
+        match = _INSTANCE_RE.match(path.stem)
+        if match and match["stem"].casefold() in by_stem:
             raise ValueError(
-                f"`{arg_name}`: {str(path)!r} would be saved as {path.stem!r}, a name this command uses for its own "
-                f"output ({reserved_cf[key]!r}); rename the file."
+                f"`{arg_name}`: {str(path)!r} would overwrite instance mask {match['index']} of "
+                f"{str(by_stem[match['stem'].casefold()])!r} (saved as {path.stem!r}.png); rename the file."
             )
-        if key in seen:
-            raise ValueError(
-                f"`{arg_name}`: {str(seen[key])!r} and {str(path)!r} have the same name stem {path.stem!r}; outputs "
-                "are named by stem and would overwrite each other. Rename one, or run them separately."
-            )
-        seen[key] = path
-        stems.append(path.stem)
-    if instances:
-        for stem in stems:
-            match = _INSTANCE_RE.match(stem)
-            if match and match["stem"].casefold() in seen:
-                raise ValueError(
-                    f"`{arg_name}`: {str(seen[stem.casefold()])!r} would overwrite instance mask {match['index']} "
-                    f"of {str(seen[match['stem'].casefold()])!r} (saved as {stem!r}.png); rename the file."
-                )
-    return stems
 
 
 def save_mask_png(mask: np.ndarray, path: str | os.PathLike[str]) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "check_similarities",
     "Segmentation",
     "location_confidence",
+    "make_segmentation",
     "persam_cascade",
     "persam_cascade_batch",
 ]
@@ -235,17 +236,40 @@ def persam_cascade_batch(
             logits[i].append(logits[i][1])
             scores[i].append(scores[i][1])
         box = boxes[i]
-        results.append(Segmentation(
-            mask=masks[i].cpu().numpy(),
-            score=float(scores[i][-1]),
-            points_xy=points[i].cpu().numpy(),
-            point_labels=labels[i].cpu().numpy(),
-            similarity=sims[i].float().cpu().numpy(),
-            stage_logits=torch.stack(logits[i]).float().cpu().numpy(),  # (3, h_lr, w_lr)
-            stage_scores=torch.stack(scores[i]).float().cpu().numpy(),
-            stage_used=2 if box is None else 3,
-            box_xyxy=None if box is None else box.cpu().numpy(),
-            fallbacks=tuple(fallbacks),
-            seconds=seconds,
-        ))
+        results.append(make_segmentation(masks[i], points[i], labels[i], sims[i], logits[i], scores[i],
+                                         stage_used=2 if box is None else 3, box=box, fallbacks=fallbacks,
+                                         seconds=seconds))
     return results
+
+
+def make_segmentation(
+    mask: Tensor,
+    points: Tensor,
+    labels: Tensor,
+    similarity: Tensor,
+    stage_logits: Sequence[Tensor],
+    stage_scores: Sequence[Tensor],
+    *,
+    stage_used: int,
+    box: Tensor | None,
+    fallbacks: Sequence[str],
+    seconds: float,
+) -> Segmentation:
+    """Gather one image's cascade tensors (any device) into a :class:`Segmentation` of numpy arrays on the CPU.
+
+    Shapes: mask ``(H, W)`` bool; points ``(N, 2)``; labels ``(N,)``; similarity ``(H, W)``; ``NUM_STAGES`` stage
+    logits ``(h_lr, w_lr)`` and scores ``()`` (the last ones are the returned mask's); box ``(4,)`` or ``None``.
+    """
+    return Segmentation(
+        mask=mask.cpu().numpy(),
+        score=float(stage_scores[-1]),
+        points_xy=points.cpu().numpy(),
+        point_labels=labels.cpu().numpy(),
+        similarity=similarity.float().cpu().numpy(),
+        stage_logits=torch.stack(list(stage_logits)).float().cpu().numpy(),  # NUM_STAGES x (h_lr, w_lr) -> (3, ...)
+        stage_scores=torch.stack(list(stage_scores)).float().cpu().numpy(),  # (3,)
+        stage_used=stage_used,
+        box_xyxy=None if box is None else box.cpu().numpy(),
+        fallbacks=tuple(fallbacks),
+        seconds=seconds,
+    )

@@ -35,8 +35,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from persam_dreambooth.segmentation.predictor import ImageEmbedding
-from persam_dreambooth.segmentation.sam import SAM_BUILDERS, cache_dir, file_sha256
-from persam_dreambooth.utils.io import atomic_path, atomic_write_json
+from persam_dreambooth.segmentation.sam import SAM_BUILDERS, cache_dir
+from persam_dreambooth.utils.io import atomic_path, atomic_write_json, file_sha256
 
 __all__ = [
     "CACHE_FORMAT",

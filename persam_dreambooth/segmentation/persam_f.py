@@ -40,10 +40,12 @@ from segment_anything.modeling import Sam
 from torch import Tensor
 
 from persam_dreambooth.segmentation.cascade import (
+    NUM_STAGES,
     EmptyMaskWarning,
     Segmentation,
     check_similarities,
     location_confidence,
+    make_segmentation,
 )
 from persam_dreambooth.segmentation.location_prior import box_from_mask, select_point_prompts
 from persam_dreambooth.segmentation.persam import PerSAM, PerSAMReference, ReferenceShot
@@ -173,23 +175,12 @@ def persam_f_cascade_batch(
     for i in range(count):
         for note in notes[i]:
             warnings.warn(note, EmptyMaskWarning, stacklevel=3)
-        while len(logits[i]) < 3:  # a skipped stage repeats the previous one
+        while len(logits[i]) < NUM_STAGES:  # a skipped stage repeats the previous one
             logits[i].append(logits[i][-1])
             scores[i].append(scores[i][-1])
-        box = prompt_boxes[i]
-        results.append(Segmentation(
-            mask=masks[i].cpu().numpy(),
-            score=float(scores[i][-1]),
-            points_xy=points[i].cpu().numpy(),
-            point_labels=labels[i].cpu().numpy(),
-            similarity=sims[i].float().cpu().numpy(),
-            stage_logits=torch.stack(logits[i]).float().cpu().numpy(),  # (3, h_lr, w_lr)
-            stage_scores=torch.stack(scores[i]).float().cpu().numpy(),
-            stage_used=used[i],
-            box_xyxy=None if box is None else box.cpu().numpy(),
-            fallbacks=tuple(notes[i]),
-            seconds=seconds,
-        ))
+        results.append(make_segmentation(masks[i], points[i], labels[i], sims[i], logits[i], scores[i],
+                                         stage_used=used[i], box=prompt_boxes[i], fallbacks=notes[i],
+                                         seconds=seconds))
     return results
 
 

@@ -108,9 +108,18 @@ class GuidedSamPredictor:
 
         Returns:
             ``(resized (3, h', w') uint8 on the model's device, original_size (H, W))``.
+
+        Raises:
+            ValueError: the image is unreadable, or so thin that its resized short side would be 0 pixels.
         """
         array = load_image(image, arg_name)  # (H, W, 3) uint8 RGB
         original_size = (int(array.shape[0]), int(array.shape[1]))
+        if min(ResizeLongestSide.get_preprocess_shape(*original_size, self.frame_size)) < 1:
+            raise ValueError(
+                f"`{arg_name}` has size (H, W) = {original_size}: resized to SAM's {self.frame_size}-px input frame "
+                f"its short side would be 0 pixels; the long side may be at most {2 * self.frame_size}x the "
+                "short side. Crop or pad the image."
+            )
         resized = self.transform.apply_image(array)  # (h', w', 3) uint8
         del array
         tensor = torch.as_tensor(resized, device=self.device)
@@ -168,36 +177,16 @@ class GuidedSamPredictor:
             target_embedding: ``(1, 1, C)`` target-semantic prompt, or ``None``.
             return_high_res: also upscale all K masks to ``(K, H, W)`` logits (memory: K*H*W floats).
         """
-        coords = labels = boxes = masks = None
-        if point_coords is not None:
-            if point_labels is None:
-                raise ValueError("`point_labels` must be given with `point_coords`.")
-            pts = np.asarray(torch.as_tensor(point_coords).cpu(), dtype=np.float64)
-            # float64 transform then float32, as SamPredictor.predict does (keeps the numbers identical)
-            pts = self.transform.apply_coords(pts, embedding.original_size)
-            coords = torch.as_tensor(pts, dtype=torch.float, device=self.device)[None]  # (N, 2) -> (1, N, 2)
-            labels = torch.as_tensor(np.asarray(torch.as_tensor(point_labels).cpu()), dtype=torch.int,
-                                     device=self.device)[None]  # (N,) -> (1, N)
-        if box is not None:
-            b = np.asarray(torch.as_tensor(box).cpu(), dtype=np.float64).reshape(-1, 4)  # (4,) -> (1, 4)
-            b = self.transform.apply_boxes(b, embedding.original_size)
-            boxes = torch.as_tensor(b, dtype=torch.float, device=self.device)  # (1, 4)
-        if mask_input is not None:
-            masks = mask_input.to(device=self.device, dtype=torch.float)
-            masks = masks.reshape(1, 1, *mask_input.shape[-2:])  # (1, h_lr, w_lr) -> (1, 1, h_lr, w_lr)
-        sparse, dense = self.sam.prompt_encoder(
-            points=(coords, labels) if coords is not None else None, boxes=boxes, masks=masks
-        )
-        low_res, iou = self.decoder(
-            image_embeddings=embedding.features[None].to(self.device),  # (C, h, w) -> (1, C, h, w)
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+        out = self.predict_batch(
+            [embedding],
+            None if point_coords is None else [point_coords],
+            None if point_labels is None else [point_labels],
+            boxes=None if box is None else [box],
+            mask_inputs=None if mask_input is None else [mask_input],
             multimask_output=multimask_output,
             attn_sim=attn_sim,
             target_embedding=target_embedding,
-        )
-        out = DecoderOutput(low_res_logits=low_res[0], iou_predictions=iou[0])  # drop the prompt batch dim
+        )[0]  # one image: SamPredictor.predict's operations exactly
         if return_high_res:
             out.high_res_logits = self.upscale(out.low_res_logits, embedding)
         return out
@@ -238,14 +227,16 @@ class GuidedSamPredictor:
             if values is not None and len(values) != count:
                 raise ValueError(f"`{name}` must hold one entry per image ({count}), got {len(values)}.")
         if (point_coords is None) != (point_labels is None):
-            raise ValueError("`point_labels` must be given with `point_coords`.")
+            raise ValueError("`point_coords` and `point_labels` must be given together (or neither), got "
+                             f"{'only point_coords' if point_labels is None else 'only point_labels'}.")
         points = boxes_t = masks = None
         if point_coords is not None and point_labels is not None:
             coords, labels = [], []
             for emb, pts, lbl in zip(embeddings, point_coords, point_labels, strict=True):
+                # float64 transform, then float32: SamPredictor.predict's arithmetic (identical numbers)
                 arr = np.asarray(torch.as_tensor(pts).cpu(), dtype=np.float64)
                 coords.append(torch.as_tensor(self.transform.apply_coords(arr, emb.original_size),
-                                              dtype=torch.float, device=self.device))  # (N, 2), as predict
+                                              dtype=torch.float, device=self.device))  # (N, 2)
                 labels.append(torch.as_tensor(np.asarray(torch.as_tensor(lbl).cpu()), dtype=torch.int,
                                               device=self.device))  # (N,)
             points = (torch.stack(coords), torch.stack(labels))  # (B, N, 2), (B, N)

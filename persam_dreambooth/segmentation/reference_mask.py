@@ -2,9 +2,12 @@
 
 The published code runs its (128, 0, 0)-coloured annotation through SAM's *image* preprocessing (resize, pixel-mean
 normalisation, zero padding), samples it bilinearly onto the grid and keeps the cells whose red value is above 0 after
-normalisation, i.e. above ``pixel_mean[0] = 123.675`` in raw units. We load any mask as bool, resample it as a
-float in [0, 1] with the same geometry, and apply the equivalent threshold ``123.675 / 128``
-(:data:`REFERENCE_CELL_THRESHOLD`), which reproduces the published cell counts without the colour trick.
+normalisation, i.e. above ``pixel_mean[0] = 123.675`` in raw units. We load any mask as bool, resize it with the same
+geometry as a 0/128 8-bit image (like a PerSeg annotation, so the rounding is the published one), scale it to [0, 1],
+zero-pad, resample to the grid and apply the equivalent threshold ``123.675 / 128``
+(:data:`REFERENCE_CELL_THRESHOLD`). This reproduces the published cells exactly on square images, without the colour
+trick. (On non-square images the published code pads with the *normalised* zero, i.e. raw 123.675, which changes the
+partial cells at the content edge; we pad with 0, as Decision 2 asks.)
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = ["REFERENCE_CELL_THRESHOLD", "ReferenceCells", "SmallReferenceWarning"
 #: foreground value 128 and the published code keeps a cell when the resampled value exceeds SAM's red pixel mean
 #: (123.675), i.e. when the 2x2 pixels at the centre of the cell's patch are ~96.6 % foreground on average.
 REFERENCE_CELL_THRESHOLD = 123.675 / 128  # = 0.96621...
+_MASK_LEVEL = 128  # the foreground value of PerSeg annotations: the mask is resized as a 0/128 8-bit image
 
 
 class SmallReferenceWarning(UserWarning):
@@ -51,9 +55,10 @@ def reference_cells(
 ) -> ReferenceCells:
     """Map a bool ``(H, W)`` reference mask to the embedding grid (Decision 2).
 
-    Steps: resize the mask as a float image to ``ResizeLongestSide(frame_size)``'s size (PIL bilinear, antialiased
-    when shrinking, the same rounding of the target size); zero-pad to ``frame_size`` x ``frame_size``; resample
-    bilinearly (align_corners=False, no antialias) to ``grid_size``; threshold at :data:`REFERENCE_CELL_THRESHOLD`.
+    Steps: resize the mask as a 0/128 8-bit image to ``ResizeLongestSide(frame_size)``'s size (PIL bilinear,
+    antialiased when shrinking, the same rounding of the target size) and scale it to [0, 1]; zero-pad to
+    ``frame_size`` x ``frame_size``; resample bilinearly (align_corners=False, no antialias) to ``grid_size``;
+    threshold at :data:`REFERENCE_CELL_THRESHOLD`.
     If no cell passes, the cell with the highest value is used and a :class:`SmallReferenceWarning` is issued.
 
     Raises:
@@ -65,24 +70,42 @@ def reference_cells(
         raise ValueError(f"`{arg_name}` is empty: it has no foreground pixel, so there is no reference object.")
     height, width = mask.shape
     new_h, new_w = ResizeLongestSide.get_preprocess_shape(height, width, frame_size)
-    as_float = Image.fromarray(mask.astype(np.float32))  # mode "F"
-    resized = np.array(as_float.resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32)
-    del as_float
+    # The published resize runs on an 8-bit image whose foreground is 128, so every resized pixel is rounded to a
+    # multiple of 1/128; resizing an L-mode 0/128 image reproduces that rounding exactly (a float resize differs in
+    # borderline cells, even on square images) and uses a quarter of the memory of a float image.
+    as_uint8 = Image.fromarray(mask.astype(np.uint8) * _MASK_LEVEL)  # (H, W) 0/128, mode "L"
+    resized = np.array(as_uint8.resize((new_w, new_h), Image.Resampling.BILINEAR))  # (h', w') uint8, writable
+    del as_uint8
     framed = torch.zeros(frame_size, frame_size, dtype=torch.float32)
-    framed[:new_h, :new_w] = torch.from_numpy(resized)  # zero padding bottom/right, as Sam.preprocess
+    framed[:new_h, :new_w] = torch.from_numpy(resized).float() / _MASK_LEVEL  # [0, 1], zero padding bottom/right
     values = F.interpolate(framed[None, None], tuple(grid_size), mode="bilinear", align_corners=False)[0, 0]  # (h, w)
     cells = values > REFERENCE_CELL_THRESHOLD
     fallback = not bool(cells.any())
     if fallback:
-        best = int(values.argmax())
-        row, col = divmod(best, values.shape[1])
+        # the cell with the highest resampled value; if every value is 0 (the object misses the few pixels the
+        # resampling reads in each cell, or vanished in the 8-bit resize), the cell holding most of the object
+        score = values if float(values.max()) > 0 else _coverage(mask, (new_h, new_w), frame_size, grid_size)
+        row, col = divmod(int(score.argmax()), score.shape[1])
         cells = torch.zeros_like(cells)
         cells[row, col] = True
         message = (
             f"`{arg_name}`: the reference object ({int(mask.sum())} pixels) covers no whole embedding cell "
             f"(grid {tuple(grid_size)}, each cell ~{frame_size // grid_size[0]} px of the resized image); using the "
-            f"single best cell (row {row}, col {col}, coverage {float(values[row, col]):.2f}). Results may be poor: "
+            f"single best cell (row {row}, col {col}, score {float(score[row, col]):.3f}). Results may be poor: "
             "use a larger reference object or a closer crop."
         )
         warnings.warn(message, SmallReferenceWarning, stacklevel=3)
     return ReferenceCells(cells=cells, values=values, fallback=fallback)
+
+
+def _coverage(
+    mask: np.ndarray, input_size: tuple[int, int], frame_size: int, grid_size: Sequence[int]
+) -> torch.Tensor:
+    """The fraction of each grid cell's patch covered by the (float-resized, zero-padded) mask: ``(h, w)``."""
+    new_h, new_w = input_size
+    as_float = Image.fromarray(mask.astype(np.float32))  # (H, W) 0/1, mode "F": no rounding of faint pixels
+    resized = np.array(as_float.resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32)  # (h', w')
+    del as_float
+    framed = torch.zeros(frame_size, frame_size, dtype=torch.float32)
+    framed[:new_h, :new_w] = torch.from_numpy(resized)
+    return F.adaptive_avg_pool2d(framed[None, None], tuple(grid_size))[0, 0]  # (S, S) -> (h, w) patch means

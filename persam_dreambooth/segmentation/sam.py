@@ -29,7 +29,7 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
-from persam_dreambooth.utils.io import atomic_path
+from persam_dreambooth.utils.io import atomic_path, file_sha256
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -39,7 +39,6 @@ __all__ = [
     "cache_dir",
     "default_checkpoint_path",
     "download_checkpoint",
-    "file_sha256",
     "load_sam",
     "register_sam_builder",
     "resolve_device",
@@ -145,15 +144,6 @@ def default_checkpoint_path(model_type: str) -> Path:
             f"SAM model type {model_type!r} has no default checkpoint to download; pass `checkpoint` (a file path)."
         )
     return cache_dir() / "sam" / entry.filename
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_DOWNLOAD_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _by_hand(url: str, sha256: str, dest: Path) -> str:

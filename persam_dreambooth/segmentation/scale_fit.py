@@ -18,16 +18,19 @@ How the loop is made cheap (profiled on CPU; the published loss costs ~25 elemen
   and ``d focal / dy = -alpha_t * v**gamma * (gamma * u * ce + v)``; dice only needs ``sum(p)``, ``sum(p * g)`` and
   ``dp/dy = u * v``. ``d loss / d lambda_k = sum_i (d loss / d y_i) * Y_ki`` is a matrix product with the (signed)
   logit maps ``Y``, and ``d loss / d w_j = d loss / d lambda_j - d loss / d lambda_0`` (as autograd computes it).
-* One step is then 9 elementwise passes over the pixels (into preallocated buffers), three reductions per segment
-  and a few scalar operations; nothing leaves the device and nothing synchronises, so a GPU runs the 1000 steps
-  back to back. On CPU the pixels are processed in pieces of at most 2**17 (cache-friendly, bounded buffers).
+* One step is then 9 elementwise passes over the pixels (into preallocated buffers), three reductions per piece
+  and about 25 small operations (segment sums, dice coefficients, the gradient, AdamW); every view the loop uses is
+  made before it, so a step allocates nothing and only launches kernels. Nothing leaves the device and nothing
+  synchronises, so a GPU runs the 1000 steps back to back. On CPU the pixels are processed in pieces of at most
+  2**17 (bounded buffers; smaller pieces were slower, larger ones no faster).
 * ``ce = -log(max(u, tiny))`` (two cheap passes instead of ``logsigmoid``): identical to rounding while ``ce < 87.3``.
   Beyond (a logit more than 87 on the wrong side, ``u`` below float32's smallest normal) only the *reported* loss of
   that pixel is capped at 87.3; its gradient, hence the weights, are unaffected (``u * ce`` underflows either way).
 
-Per step on one CPU core (AMD EPYC, shared): about 1.3-1.8 ms for a 512x512 reference (262k pixels) and 26 ms for
-2048x2048, against 6-14 ms for the published autograd loss at 512x512 plus its decoder pass, ~127 ms with SAM's
-decoder (``benchmarks/persam_f_fit.py``).
+Per step on one CPU core (AMD EPYC, shared; ``benchmarks/persam_f_fit.py --size 512``): about 1.1-1.2 ms for a
+512x512 reference (262k pixels; ~0.1 ms of it is the fixed per-step cost), against ~5 ms for the published autograd
+loss on the same cached logits, ~10.5 ms per published step with the tiny test SAM's decoder and ~127 ms with
+ViT-B's.
 
 Memory: the signed logit maps (``K * P`` float32 for ``P`` pixels over all references) plus 8 piece-sized buffers;
 the input logits are not modified (the caller may free them once this returns).
@@ -238,34 +241,61 @@ def fit_scale_weights(
     longest = max(b - a for _, a, b in pieces)
     y, u, v, log_u, pw, t = (torch.empty(longest, device=device) for _ in range(6))
     grads = torch.empty(2 * longest, device=device)  # viewed (2, n) per piece: focal part, dice part of dloss/dy
-    piece_stats = torch.empty(len(pieces), 2, device=device)  # [sum of p (fg: u, bg: v), sum of v**gamma * log u]
-    piece_mm = torch.empty(len(pieces), k, 2, device=device)
+    num_pieces, num_segs = len(pieces), len(sizes)
+    piece_stats = torch.empty(num_pieces, 2, device=device)  # [sum of p (fg: u, bg: v), sum of v**gamma * log u]
+    piece_mm = torch.empty(num_pieces, 2 * k, device=device)  # per piece, (2, K) flattened: [focal; dice] x Y rows
     one = torch.ones((), device=device)
+    # Every view the step loop touches is made once here, so a step only launches kernels (on CPU a view costs as
+    # much as a small kernel). Per piece: signed maps (K, n), the mixed logits as (1, n) and (n,), the buffers, the
+    # (2, n) gradient pair, the tensor summed for dice, and the piece's output slots.
+    work = []
+    for j, (seg, a, b) in enumerate(pieces):
+        n = b - a
+        pair = grads[: 2 * n].view(2, n)  # (2n,) -> (2, n), contiguous for every piece size (fast matrix products)
+        sig = signed[:, a:b]  # (K, n)
+        work.append((sig, sig.T, y[:n].view(1, n), y[:n], u[:n], v[:n], log_u[:n], pw[:n], t[:n], pair[0], pair[1],
+                     pair, u[:n] if seg % 2 == 0 else v[:n], piece_stats[j, 0:1], piece_stats[j, 1],
+                     piece_mm[j].view(2, k)))  # (2K,) -> (2, K)
 
-    # Constants per segment and per piece (float64 on the host, then float32 tensors).
+    # Constants per segment (float64 on the host, then float32 tensors). Pieces are summed into segments by ``gather``.
     n_pixels = [sizes[2 * r] + sizes[2 * r + 1] for r in range(num_refs)]
     seg_of = torch.tensor([p[0] for p in pieces], device=device)
-    gather = torch.zeros(len(sizes), len(pieces), device=device)  # sums pieces into segments
-    gather[seg_of, torch.arange(len(pieces), device=device)] = 1.0
-    focal_coef = torch.tensor(
-        [-(alpha if seg % 2 == 0 else 1 - alpha) / n_pixels[seg // 2] for seg, _, _ in pieces], device=device
+    gather = torch.zeros(num_segs, num_pieces, device=device)  # (segments, pieces) of 0/1
+    gather[seg_of, torch.arange(num_pieces, device=device)] = 1.0
+    # coef[s] = [focal, dice] factor of segment s in d loss / d lambda; the focal one is constant: -alpha_t / N
+    coef = torch.tensor(
+        [[-(alpha if seg % 2 == 0 else 1 - alpha) / n_pixels[seg // 2], 0.0] for seg in range(num_segs)],
+        device=device,
     )
+    dice_fg, dice_bg = coef[0::2, 1], coef[1::2, 1]  # (R,) views, rewritten every step
     fg_plus_1 = torch.tensor([sizes[2 * r] + 1.0 for r in range(num_refs)], device=device)
-    history = torch.empty(steps, num_refs, 2, 2, device=device)  # per step and reference: [fg, bg] x piece stats
+    history = torch.empty(steps, num_segs, 2, device=device)  # per step and segment: the summed piece stats
+    history_rows = history.unbind(0)  # steps x (S, 2) views
+    stats = torch.empty(num_segs, 2, device=device)  # this step's: rows fg_0, bg_0, fg_1, ...
+    fg_p, bg_p = stats[0::2, 0], stats[1::2, 0]  # (R,) sum of p over fg (= dice intersection), over bg
+    seg_mm = torch.empty(num_segs, 2 * k, device=device)
+    seg_mm_t = seg_mm.view(2 * num_segs, k).T  # (S, 2K) -> (2S, K) -> (K, 2S): rows = lambda_k
+    coef_flat = coef.view(2 * num_segs)  # (S, 2) -> (2S,), in seg_mm_t's column order
+    scratch = torch.empty(4, num_refs, device=device)
+    twice_i_plus_1, union, union_sq, numer = scratch.unbind(0)
+    grad_lam = torch.empty(k, device=device)
+    grad_lam_w, grad_lam_0 = grad_lam[1:], grad_lam[0]
+    grad_w = torch.empty(k - 1, device=device)
 
     w = torch.full((k - 1,), 1.0 / k, device=device)  # published: torch.ones(2, 1) / 3 (same float32 value)
     exp_avg, exp_avg_sq = torch.zeros_like(w), torch.zeros_like(w)
+    # lambda = [1 - sum(w), w] = base + mix @ w in one kernel (the same float32 values as the published cat/sum)
     lam = torch.empty(1, k, device=device)
+    lam_row = lam[0]
+    base = torch.zeros(k, device=device)
+    base[0] = 1.0
+    mix = torch.cat([-torch.ones(1, k - 1), torch.eye(k - 1)]).to(device)  # (K, K-1)
     lrs = cosine_annealing_lrs(lr, steps)
     for step in range(steps):
-        torch.sum(w, 0, keepdim=True, out=lam[0, :1])
-        lam[0, :1].neg_().add_(1)  # lambda_0 = 1 - sum(w)
-        lam[0, 1:].copy_(w)
-        for j, (seg, a, b) in enumerate(pieces):
-            n = b - a
-            yj, uj, vj, lj, pwj, tj = y[:n], u[:n], v[:n], log_u[:n], pw[:n], t[:n]
-            gj = grads[: 2 * n].view(2, n)  # contiguous for every piece size (a fast matrix product below)
-            torch.mm(lam, signed[:, a:b], out=yj[None])  # (1, K) @ (K, n) -> (1, n): signed mixed logits
+        torch.addmv(base, mix, w, out=lam_row)
+        for sig, sig_t, y_row, yj, uj, vj, lj, pwj, tj, g_focal, g_dice, pair, summed, sum_slot, dot_slot, mm_slot \
+                in work:
+            torch.mm(lam, sig, out=y_row)  # (1, K) @ (K, n) -> (1, n): signed mixed logits
             torch.sigmoid(yj, out=uj)  # probability of the true class
             torch.sub(one, uj, out=vj)
             torch.clamp(uj, min=_TINY, out=lj).log_()  # = -ce (exact to rounding while ce < 87.3, see below)
@@ -274,27 +304,32 @@ def fit_scale_weights(
             else:
                 torch.pow(vj, gamma, out=pwj)
             torch.addcmul(vj, uj, lj, value=-gamma, out=tj)  # v + gamma * u * ce
-            torch.mul(pwj, tj, out=gj[0])  # -(d focal / dy) / (alpha_t / N)
-            torch.mul(uj, vj, out=gj[1])  # dp/dy up to the sign: u * v = p * (1 - p)
-            torch.sum(uj if seg % 2 == 0 else vj, 0, out=piece_stats[j, 0])  # sum of p over the piece
-            torch.dot(pwj, lj, out=piece_stats[j, 1])  # -(sum of v**gamma * ce)
-            torch.mm(signed[:, a:b], gj.T, out=piece_mm[j])  # (K, n) @ (n, 2) -> (K, 2)
-        seg_stats = history[step].view(2 * num_refs, 2)  # (R, 2, 2) -> (2R, 2): rows fg_0, bg_0, fg_1, ...
-        torch.mm(gather, piece_stats, out=seg_stats)  # (segments, pieces) @ (pieces, 2): summed per segment
-        fg_p, bg_p = history[step, :, 0, 0], history[step, :, 1, 0]  # sum p over fg (= dice intersection), bg
-        twice_i_plus_1 = 2 * fg_p + 1
-        union = fg_p + bg_p + fg_plus_1  # sum(p) + sum(g) + 1
-        union_sq = union * union
+            torch.mul(pwj, tj, out=g_focal)  # -(d focal / dy) / (alpha_t / N)
+            torch.mul(uj, vj, out=g_dice)  # dp/dy up to the sign: u * v = p * (1 - p)
+            torch.sum(summed, 0, keepdim=True, out=sum_slot)  # sum of p over the piece
+            torch.dot(pwj, lj, out=dot_slot)  # -(sum of v**gamma * ce)
+            torch.mm(pair, sig_t, out=mm_slot)  # (2, n) @ (n, K) -> (2, K)
+        torch.mm(gather, piece_stats, out=stats)  # (segments, pieces) @ (pieces, 2): summed per segment
+        history_rows[step].copy_(stats)
+        torch.mm(gather, piece_mm, out=seg_mm)  # (segments, pieces) @ (pieces, 2K)
         # d dice / d p = -(2 g U - (2I + 1)) / U^2; times dp/dy = +-u v (sign of y): fg (2I+1-2U)/U^2, bg -(2I+1)/U^2
-        dice_coef = torch.stack([(twice_i_plus_1 - 2 * union) / union_sq, -twice_i_plus_1 / union_sq], 1)
-        coef = torch.stack([focal_coef, dice_coef.reshape(-1)[seg_of]], 1)  # (R, 2) -> (2R,) -> per piece: (P, 2)
-        grad_lam = torch.einsum("pkc,pc->k", piece_mm, coef)  # (K,)
+        torch.mul(fg_p, 2, out=twice_i_plus_1).add_(1)
+        torch.add(fg_p, bg_p, out=union).add_(fg_plus_1)  # sum(p) + sum(g) + 1
+        torch.mul(union, union, out=union_sq)
+        torch.mul(union, 2, out=numer)
+        torch.sub(twice_i_plus_1, numer, out=numer)
+        torch.div(numer, union_sq, out=dice_fg)
+        torch.neg(twice_i_plus_1, out=numer)
+        torch.div(numer, union_sq, out=dice_bg)
+        # d loss / d lambda_k = sum over segments s and parts c of coef[s, c] * seg_mm[s, c, k]
+        torch.mv(seg_mm_t, coef_flat, out=grad_lam)  # (K, 2S) @ (2S,) -> (K,)
         if num_refs > 1:
-            grad_lam = grad_lam / num_refs  # mean of the references' losses
-        grad_w = grad_lam[1:] - grad_lam[0]  # lambda_0 = 1 - sum(w): as autograd's chain rule
+            grad_lam.div_(num_refs)  # mean of the references' losses
+        torch.sub(grad_lam_w, grad_lam_0, out=grad_w)  # lambda_0 = 1 - sum(w): as autograd's chain rule
         adamw_update_(w, grad_w, exp_avg, exp_avg_sq, step + 1, lrs[step], betas, eps, weight_decay)
 
     weights = torch.cat([1 - w.sum(0, keepdim=True), w])
+    history = history.view(steps, num_refs, 2, 2)  # (steps, 2R, 2) -> (steps, R, [fg, bg], [sum p, dot])
     fg_p, bg_p = history[:, :, 0, 0], history[:, :, 1, 0]  # (steps, R)
     dice = 1 - (2 * fg_p + 1) / (fg_p + bg_p + fg_plus_1)
     n_pix = torch.tensor(n_pixels, dtype=torch.float32, device=device)

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from persam_dreambooth.data.images import check_same_size, list_images, load_image, load_mask
+from persam_dreambooth.data.images import check_same_size, check_unique_stems, list_images, load_image, load_mask
 from persam_dreambooth.masks.store import MaskSet, read_image_hw
 from persam_dreambooth.training.checkpoint import resolve_resume
 from persam_dreambooth.training.components import BaseModelInfo, check_lora_targets, inspect_base_model
@@ -77,13 +77,11 @@ def _check_reference(config: TrainConfig) -> None:
         raise ValueError(
             f"`sam_model_type` must be one of {sorted(SAM_BUILDERS)}, got {config.sam_model_type!r}."
         )
-    segmenter_class(config.mask_method or "persam")  # PerSAM-F may be missing from this installation
+    segmenter_class(config.mask_method or "persam")  # an unknown method fails here, before anything is written
 
 
 def run_preflight(config: TrainConfig) -> Preflight:
     """Run every check that needs no model weights; raise on the first problem. Writes nothing."""
-    from persam_dreambooth.segmentation.album import check_unique_stems  # the rule masks/make.py applies too
-
     output_dir = check_output_dir(config.output_dir, "output_dir")
     info = inspect_base_model(config)
     check_lora_targets(config, info)

@@ -1,4 +1,4 @@
-"""Atomic file writes and output-folder checks.
+"""Atomic file writes, output-folder checks and file hashing.
 
 Every file the package writes under a final name goes through :func:`atomic_write`: the bytes land in a temporary
 file in the same folder, which is renamed over the final name only once it is complete. A crash, a full disk or an
@@ -8,6 +8,7 @@ exception mid-write therefore never leaves a truncated file under the final name
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ __all__ = [
     "atomic_save_image",
     "check_output_dir",
     "ensure_output_dir",
+    "file_sha256",
 ]
 
 
@@ -113,3 +115,15 @@ def ensure_output_dir(path: str | os.PathLike[str], arg_name: str = "output") ->
     path = check_output_dir(path, arg_name)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+_HASH_CHUNK = 1 << 20  # 1 MiB per read while hashing a file
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -148,7 +148,12 @@ def test_malformed_box(data, tiny_sam_checkpoint, capsys, box):
 
 def test_box_outside_image(data, tiny_sam_checkpoint, capsys):
     err = expect_error(capsys, data, tiny_sam_checkpoint, "`--ref-box`", prompt=("--ref-box", "10,10,200,50"))
-    assert "128 x 96" in err
+    assert "128 x 96" in err and "swapped" not in err
+
+
+def test_reversed_box_says_the_corners_look_swapped(data, tiny_sam_checkpoint, capsys):
+    err = expect_error(capsys, data, tiny_sam_checkpoint, "`--ref-box`", prompt=("--ref-box", "100,80,30,20"))
+    assert "'100,80,30,20' (the corners look swapped" in err
 
 
 @pytest.mark.parametrize("point", ["5", "128,10", "-1,3", "x,y"])

@@ -8,6 +8,7 @@ from PIL import Image
 
 from persam_dreambooth.data.images import (
     check_same_size,
+    check_unique_stems,
     find_mask_for,
     list_images,
     load_image,
@@ -183,6 +184,19 @@ def test_mask_files_and_pil(tmp_path, mode):
     assert np.array_equal(load_mask(Image.open(path)), m)
 
 
+def test_a_noisy_jpeg_mask_is_loaded_with_a_warning(tmp_path, caplog):
+    m = np.zeros((64, 80), dtype=bool)
+    m[10:50, 20:60] = True
+    Image.fromarray(m.astype(np.uint8) * 255).save(tmp_path / "m.jpg", quality=75)
+    Image.fromarray(m.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    with caplog.at_level("WARNING", logger="persam_dreambooth.data.images"):
+        load_mask(tmp_path / "m.png", "--ref-mask")
+        assert not caplog.records  # a clean PNG: no warning
+        loaded = load_mask(tmp_path / "m.jpg", "--ref-mask")
+    assert loaded[m].all() and loaded.sum() > m.sum()  # the rule stays "nonzero = object"; the noise is named
+    assert "`--ref-mask`" in caplog.text and "is a JPEG" in caplog.text and "Save masks as PNG" in caplog.text
+
+
 def test_mask_errors_name_the_argument(tmp_path):
     with pytest.raises(FileNotFoundError, match="`--ref-mask` file"):
         load_mask(tmp_path / "nope.png", "--ref-mask")
@@ -199,11 +213,13 @@ def test_check_same_size_names_both_sizes():
 
 
 # ------------------------------------------------------------------------------------------------------ listing
-def test_list_images(tmp_path):
+def test_list_images(tmp_path, caplog):
     for name in ("b.jpg", "a.PNG", "c.webp", ".hidden.jpg", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub").mkdir()
-    assert [p.name for p in list_images(tmp_path)] == ["a.PNG", "b.jpg", "c.webp"]
+    with caplog.at_level("INFO", logger="persam_dreambooth.data.images"):
+        assert [p.name for p in list_images(tmp_path, "--images")] == ["a.PNG", "b.jpg", "c.webp"]
+    assert "`--images`: skipped 1 file(s)" in caplog.text and "notes.txt" in caplog.text  # not silently
     with pytest.raises(FileNotFoundError, match="`--images`: .*missing"):
         list_images([tmp_path / "missing"], "--images")
     with pytest.raises(ValueError, match="holds no image"):
@@ -221,3 +237,13 @@ def test_find_mask_for(tmp_path):
     assert find_mask_for(tmp_path / "00.jpg", tmp_path / "masks") == tmp_path / "masks" / "00.png"
     assert find_mask_for("photos/01.jpeg", tmp_path / "masks").name == "01.JPG"
     assert find_mask_for("02.jpg", tmp_path / "masks") is None
+
+
+def test_check_unique_stems():
+    assert check_unique_stems(["x/a.jpg", "y/b.png"]) == ["a", "b"]
+    with pytest.raises(ValueError, match=r"`--images`: 'x/a.jpg' and 'y/a.png' have the same name stem 'a'"):
+        check_unique_stems(["x/a.jpg", "y/a.png"], "--images")
+    with pytest.raises(ValueError, match="same name stem"):
+        check_unique_stems(["A.jpg", "a.jpg"])  # would collide on a case-insensitive disk
+    with pytest.raises(ValueError, match="reference_mask"):
+        check_unique_stems(["reference_mask.jpg"], reserved=("reference_mask",))

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import tiny
+import torch
 from PIL import Image
 
 from persam_dreambooth import cli
@@ -100,6 +101,29 @@ def test_bad_inputs_fail_before_writing(perseg, tiny_sam_checkpoint, tmp_path, c
     (perseg / "Annotations" / "duck" / "01.png").write_bytes(b"")  # restore a (broken) file for layout checks
     assert _run(perseg, tiny_sam_checkpoint, afile) == 2
     assert "`--output` must be a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["corrupt_test_image", "annotation_size", "empty_reference", "bad_checkpoint"])
+def test_bad_files_anywhere_fail_before_anything_is_written(perseg, tiny_sam_checkpoint, tmp_path, capsys, damage):
+    # damage in the *last* object: a run that checked files lazily would already have written the first's masks
+    ckpt = tiny_sam_checkpoint
+    if damage == "corrupt_test_image":
+        (perseg / "Images" / "red_can" / "02.jpg").write_bytes(b"not a jpeg")
+        message = "02.jpg"
+    elif damage == "annotation_size":
+        _palette_annotation(np.ones((10, 10), dtype=bool)).save(perseg / "Annotations" / "red_can" / "01.png")
+        message = "(10, 10)"
+    elif damage == "empty_reference":
+        _palette_annotation(np.zeros((64, 80), dtype=bool)).save(perseg / "Annotations" / "red_can" / "00.png")
+        message = "is empty"
+    else:
+        ckpt = tmp_path / "other.pth"
+        torch.save(tiny.tiny_sam(dim=16).state_dict(), ckpt)
+        message = "does not fit"
+    out = tmp_path / "eval"
+    assert _run(perseg, ckpt, out) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_missing_layout_folder_is_named(tmp_path, tiny_sam_checkpoint, capsys):

@@ -1,6 +1,5 @@
 """Mask sets made by PerSAM (tiny SAM) from a reference mask or box, and copied from a folder."""
 
-import importlib.util
 
 import numpy as np
 import pytest
@@ -53,11 +52,13 @@ def test_persam_from_a_box_and_bad_prompts(tmp_path, album, tiny_sam_model):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("persam_dreambooth.segmentation.persam_f") is not None,
-                    reason="PerSAM-F is installed")
-def test_persam_f_missing_is_a_clear_error():
-    with pytest.raises(ValueError, match="`mask_method: persam_f` is not available"):
-        segmenter_class("persam_f")
+def test_segmenter_class_names_the_methods():
+    from persam_dreambooth.segmentation.persam import PerSAM
+    from persam_dreambooth.segmentation.persam_f import PerSAMF
+
+    assert segmenter_class("persam") is PerSAM and segmenter_class("persam_f") is PerSAMF
+    with pytest.raises(ValueError, match="`mask_method` must be 'persam' or 'persam_f', got 'sam'"):
+        segmenter_class("sam")
 
 
 def test_copy_mask_set_and_grid(tmp_path, album):

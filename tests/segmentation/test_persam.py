@@ -247,6 +247,12 @@ def test_large_non_square_and_grayscale_images(persam):
             warnings.simplefilter("ignore", EmptyMaskWarning)  # a flat photo may well give an empty mask
             small = persam.segment(np.full(shape, 120, dtype=np.uint8))
         assert small.mask.shape == shape[:2] and np.isfinite(small.stage_logits).all()
+    # a 1 x 128 strip fits the 64-px frame (short side rounds to 1 pixel); 1 x 129 would be 0 pixels high
+    assert persam.segment(np.full((1, 128, 3), 90, dtype=np.uint8)).mask.shape == (1, 128)
+    with pytest.raises(ValueError, match=r"`image` has size \(H, W\) = \(1, 129\).*at most 128x the short side"):
+        persam.segment(np.full((1, 129, 3), 90, dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"`image` has size \(H, W\) = \(129, 1\)"):
+        PerSAM(persam.sam).set_reference(np.full((129, 1, 3), 90, dtype=np.uint8), np.ones((129, 1), bool))
 
 
 def test_mask_from_prompt_box_and_point(sam, reference):

@@ -44,6 +44,11 @@ CASES = [
     (300, 170, (150, 85, 120, 60), 1024, 64),
     (2000, 900, (1000, 450, 700, 300), 1024, 64),
     (333, 333, (100, 200, 80, 60), 256, 16),
+    # square cases where a float (unrounded) resize of the mask picks other cells than the published 8-bit resize
+    (689, 689, (344.5, 344.5, 206.7, 206.7), 256, 16),
+    (652, 652, (456.4, 326.0, 195.6, 260.8), 256, 16),
+    (615, 615, (307.5, 307.5, 184.5, 184.5), 1024, 64),
+    (60, 60, (30.0, 30.0, 18.0, 18.0), 1024, 64),  # upscaled to the frame
 ]
 
 
@@ -77,9 +82,25 @@ def test_tiny_object_falls_back_to_the_best_cell_with_a_warning():
         cells = reference_cells(mask, 64, (4, 4))
     assert cells.fallback
     assert int(cells.cells.sum()) == 1
-    row, col = divmod(int(cells.values.argmax()), 4)
+    if float(cells.values.max()) > 0:  # the spec's rule: the cell with the highest resampled value
+        row, col = divmod(int(cells.values.argmax()), 4)
+    else:  # all values 0: the cell that holds the object (rows 20-22, cols 35-37 of the 64-px frame)
+        row, col = 1, 2
     assert bool(cells.cells[row, col])
     assert torch.isfinite(cells.values).all()
+
+
+@pytest.mark.parametrize("shape,rows,cols,want", [
+    ((2000, 2000), slice(1500, 1501), slice(1700, 1701), (3, 3)),  # 1 pixel: 0 after the 8-bit resize
+    ((64, 64), slice(18, 22), slice(34, 38), (1, 2)),  # misses the 2x2 pixels the grid resampling reads per cell
+])
+def test_fallback_cell_holds_the_object_when_every_value_is_zero(shape, rows, cols, want):
+    mask = np.zeros(shape, dtype=bool)
+    mask[rows, cols] = True
+    with pytest.warns(SmallReferenceWarning, match=f"row {want[0]}, col {want[1]}"):
+        cells = reference_cells(mask, 64, (4, 4))
+    assert float(cells.values.max()) == 0.0  # the case: no resampled value to choose by
+    assert cells.fallback and cells.cells.nonzero().tolist() == [list(want)]
 
 
 def test_empty_and_malformed_masks_are_errors():

@@ -13,21 +13,17 @@ from PIL import Image
 from persam_dreambooth import PerSAM
 from persam_dreambooth.segmentation.album import (
     RESULTS_FILE,
-    check_unique_stems,
+    check_instance_stems,
     save_mask_png,
     segment_images,
 )
 from persam_dreambooth.segmentation.visualize import draw_overlay
 
 
-def test_check_unique_stems():
-    assert check_unique_stems(["x/a.jpg", "y/b.png"]) == ["a", "b"]
-    with pytest.raises(ValueError, match=r"`--images`: 'x/a.jpg' and 'y/a.png' have the same name stem 'a'"):
-        check_unique_stems(["x/a.jpg", "y/a.png"], "--images")
-    with pytest.raises(ValueError, match="same name stem"):
-        check_unique_stems(["A.jpg", "a.jpg"])  # would collide on a case-insensitive disk
-    with pytest.raises(ValueError, match="reference_mask"):
-        check_unique_stems(["reference_mask.jpg"], reserved=("reference_mask",))
+def test_check_instance_stems():
+    check_instance_stems(["x/a.jpg", "x/b_inst2.jpg", "x/a_inst0.jpg"])  # no photo "b"; "_inst0" is no instance
+    with pytest.raises(ValueError, match=r"'x/A_inst2.png' would overwrite instance mask 2 of 'y/a.jpg'"):
+        check_instance_stems(["y/a.jpg", "x/A_inst2.png"], "--images")
 
 
 def test_save_mask_png_is_L_0_255(tmp_path):
