@@ -72,19 +72,28 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _bool_hint(value: Any, tp: Any) -> str:
+    """A hint when YAML turned an unquoted no/yes/off/on into a bool where a string option was expected."""
+    if not isinstance(value, bool):
+        return ""
+    args = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    if any(get_origin(a) is Literal and any(isinstance(x, str) for x in get_args(a)) for a in args):
+        return " (YAML reads unquoted no/yes/off/on as booleans: quote the value, e.g. 'no')"
+    return ""
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (lists for list/tuple fields, floats for ints)."""
     origin = get_origin(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in get_args(tp):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"`{key}` must be {_type_name(tp)}, got {value!r}.")
+            except ConfigError:
+                continue
+        raise ConfigError(f"`{key}` must be {_type_name(tp)}, got {value!r}{_bool_hint(value, tp)}.")
     if tp is type(None):
         if value is None:
             return None
@@ -92,7 +101,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in get_args(tp) and not (isinstance(value, bool) and not any(a is value for a in get_args(tp))):
             return value
-        raise ConfigError(f"`{key}` must be one of {', '.join(repr(a) for a in get_args(tp))}; got {value!r}.")
+        raise ConfigError(
+            f"`{key}` must be one of {', '.join(repr(a) for a in get_args(tp))}; got {value!r}{_bool_hint(value, tp)}."
+        )
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -227,13 +238,23 @@ def dump_config(cfg: Any, path: str | os.PathLike[str], extra: Mapping[str, Any]
 
 
 def _flag_parser(tp: Any, key: str) -> Any:
-    """An argparse ``type=`` callable for the annotation ``tp`` (values are parsed like YAML scalars)."""
+    """An argparse ``type=`` callable for the annotation ``tp``.
+
+    The text is taken as is when the field accepts that string (a ``str`` field, a string option of a ``Literal``
+    such as ``--mixed_precision no``, a number for a float field); otherwise it is read as a YAML scalar, so ints,
+    lists and ``null`` come out typed.
+    """
 
     def parse(text: str) -> Any:
-        value = yaml.safe_load(text) if text.strip() != "" else text
-        if value is None and text.strip().lower() not in ("null", "none", "~"):
-            value = text
-        if isinstance(value, int | float | bool) and _accepts_str_only(tp):
+        if text.strip() in ("null", "Null", "NULL", "~") and _accepts_none(tp):  # YAML's null spellings
+            return None
+        try:
+            return _coerce(text, tp, f"--{key}")
+        except ConfigError:
+            pass
+        try:
+            value = yaml.safe_load(text) if text.strip() != "" else text
+        except yaml.YAMLError:
             value = text
         try:
             return _coerce(value, tp, f"--{key}")
@@ -244,13 +265,10 @@ def _flag_parser(tp: Any, key: str) -> Any:
     return parse
 
 
-def _accepts_str_only(tp: Any) -> bool:
-    if tp is str:
-        return True
-    if get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        return args == [str]
-    return False
+def _accepts_none(tp: Any) -> bool:
+    return tp is type(None) or (
+        get_origin(tp) in (Union, types.UnionType) and any(a is type(None) for a in get_args(tp))
+    )
 
 
 def _is_bool(tp: Any) -> bool:

@@ -18,11 +18,6 @@ LOGIT_TOL = 1e-4  # batched vs one-by-one: float rounding only
 
 
 @pytest.fixture(scope="module")
-def sam():
-    return tiny.tiny_sam()
-
-
-@pytest.fixture(scope="module")
 def images():
     """Four photos of different sizes and aspect ratios."""
     return [

@@ -20,11 +20,6 @@ from persam_dreambooth.segmentation.guided_decoder import (
 
 
 @pytest.fixture(scope="module")
-def sam():
-    return tiny.tiny_sam()
-
-
-@pytest.fixture(scope="module")
 def features(sam):
     image, _ = tiny.synthetic_subject()
     predictor = SamPredictor(sam)

@@ -72,11 +72,6 @@ def controlled(cls):
     return Controlled
 
 
-@pytest.fixture(scope="module")
-def sam():
-    return tiny.tiny_sam()
-
-
 def reference_mask():
     mask = np.zeros((SIZE, SIZE), dtype=bool)
     mask[16:32, 16:48] = True  # cells (1, 1) and (1, 2)

@@ -15,11 +15,6 @@ from persam_dreambooth.segmentation.persam import location_confidence
 
 
 @pytest.fixture(scope="module")
-def sam():
-    return tiny.tiny_sam()
-
-
-@pytest.fixture(scope="module")
 def shots():
     """Two references of different sizes and object areas, and a target photo."""
     a = tiny.synthetic_subject()

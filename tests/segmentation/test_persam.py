@@ -25,21 +25,6 @@ from persam_dreambooth.segmentation.predictor import GuidedSamPredictor
 
 
 @pytest.fixture(scope="module")
-def sam():
-    return tiny.tiny_sam()
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return tiny.synthetic_subject()
-
-
-@pytest.fixture(scope="module")
-def target_image():
-    return tiny.synthetic_subject(80, 120, box_yx=(20, 50, 60, 100), seed=3)[0]  # non-square, subject moved
-
-
-@pytest.fixture(scope="module")
 def persam(sam, reference):
     model = PerSAM(sam)
     model.set_reference(*reference)

@@ -28,21 +28,6 @@ from persam_dreambooth.segmentation.scale_fit import adamw_update_, cosine_annea
 
 
 @pytest.fixture(scope="module")
-def sam():
-    return tiny.tiny_sam()
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return tiny.synthetic_subject()
-
-
-@pytest.fixture(scope="module")
-def target_image():
-    return tiny.synthetic_subject(80, 120, box_yx=(20, 50, 60, 100), seed=3)[0]
-
-
-@pytest.fixture(scope="module")
 def persamf(sam, reference):
     model = PerSAMF(sam)
     model.set_reference(*reference)

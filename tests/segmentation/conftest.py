@@ -1,0 +1,20 @@
+"""Fixtures shared by the segmentation tests (each test module gets its own tiny SAM instance)."""
+
+import pytest
+import tiny
+
+
+@pytest.fixture(scope="module")
+def sam():
+    return tiny.tiny_sam()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """``(image (96, 128, 3) uint8, mask (96, 128) bool)``."""
+    return tiny.synthetic_subject()
+
+
+@pytest.fixture(scope="module")
+def target_image():
+    return tiny.synthetic_subject(80, 120, box_yx=(20, 50, 60, 100), seed=3)[0]  # non-square, subject moved
