@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -44,9 +44,6 @@ from persam_dreambooth.utils.io import atomic_save_image, atomic_write_json, ato
 __all__ = ["PerSegObject", "check_perseg_files", "discover_perseg", "evaluate_perseg", "format_markdown"]
 
 logger = logging.getLogger(__name__)
-
-Method = Literal["persam", "persam-f"]
-
 
 @dataclass(frozen=True)
 class PerSegObject:

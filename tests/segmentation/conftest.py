@@ -3,6 +3,8 @@
 import pytest
 import tiny
 
+from persam_dreambooth import PerSAM
+
 
 @pytest.fixture(scope="module")
 def sam():
@@ -18,3 +20,11 @@ def reference():
 @pytest.fixture(scope="module")
 def target_image():
     return tiny.synthetic_subject(80, 120, box_yx=(20, 50, 60, 100), seed=3)[0]  # non-square, subject moved
+
+
+@pytest.fixture
+def persam(sam, reference):
+    """PerSAM on the tiny SAM with :func:`reference` set (a fresh object per test)."""
+    model = PerSAM(sam)
+    model.set_reference(*reference)
+    return model

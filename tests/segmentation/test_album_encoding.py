@@ -17,13 +17,6 @@ from persam_dreambooth.segmentation.encoding import BatchEncoder, check_encoder_
 
 
 @pytest.fixture
-def persam(tiny_sam_model):
-    p = PerSAM(tiny_sam_model)
-    p.set_reference(*tiny.synthetic_subject())
-    return p
-
-
-@pytest.fixture
 def album(tmp_path):
     folder = tmp_path / "photos"
     tiny.write_instance_dir(folder, n=5)

@@ -10,7 +10,6 @@ import pytest
 import tiny
 from PIL import Image
 
-from persam_dreambooth import PerSAM
 from persam_dreambooth.segmentation.album import (
     AlbumOptions,
     instance_name,
@@ -31,13 +30,6 @@ from persam_dreambooth.segmentation.encoding import BatchEncoder
 from persam_dreambooth.segmentation.sharding import RESULTS_FILE, rank_log_name
 
 SETTINGS = {"method": "persam", "sam_model": "tiny", "dtype": "float32", "max_instances": None}
-
-
-@pytest.fixture
-def persam(tiny_sam_model):
-    p = PerSAM(tiny_sam_model)
-    p.set_reference(*tiny.synthetic_subject())
-    return p
 
 
 @pytest.fixture

@@ -24,13 +24,6 @@ from persam_dreambooth.segmentation.persam import EmptyMaskWarning, mask_from_pr
 from persam_dreambooth.segmentation.predictor import GuidedSamPredictor
 
 
-@pytest.fixture(scope="module")
-def persam(sam, reference):
-    model = PerSAM(sam)
-    model.set_reference(*reference)
-    return model
-
-
 def test_public_import_and_result_fields(persam, target_image):
     result = persam.segment(target_image)
     assert isinstance(result, Segmentation)
