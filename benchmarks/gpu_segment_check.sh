@@ -62,8 +62,7 @@ import sys
 from pathlib import Path
 import numpy as np, torch
 from PIL import Image
-sys.path.insert(0, "tests")
-import tiny
+from persam_dreambooth import testing as tiny
 work, model, size = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 h, w = size * 3 // 4, size
 ref, mask = tiny.synthetic_subject(h, w, box_yx=(h // 4, w // 4, 3 * h // 4, 3 * w // 4))
@@ -81,7 +80,7 @@ else:
     sam = sam_model_registry[model]()
 torch.save(sam.state_dict(), work / "sam.pth")
 (work / "entry.py").write_text(
-    "import sys\nsys.path.insert(0, 'tests')\nimport tiny\ntiny.register_tiny_sam()\n"
+    "import sys\nfrom persam_dreambooth import testing as tiny\ntiny.register_tiny_sam()\n"
     "from persam_dreambooth.cli import main\nsys.exit(main())\n")
 PYDATA
 LAUNCH=("$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)

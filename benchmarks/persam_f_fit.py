@@ -37,8 +37,7 @@ DEFAULT_MASK = Path("/work/shared/data/perseg_sample/Annotations/cat/00.png")
 
 def build_model(name: str, checkpoint: str | None, device: str):
     if name == "tiny":
-        sys.path.insert(0, str(ROOT / "tests"))
-        import tiny  # the test suite's tiny SAM (64-px frame, 4x4 grid)
+        from persam_dreambooth import testing as tiny  # the test suite's tiny SAM (64-px frame, 4x4 grid)
 
         return tiny.tiny_sam().to(device).eval()
     from persam_dreambooth.segmentation.sam import SAM_BUILDERS, load_sam

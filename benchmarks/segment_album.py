@@ -35,8 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 def build_model(name: str, checkpoint: str | None, device: str):
     if name == "tiny":
-        sys.path.insert(0, str(ROOT / "tests"))
-        import tiny
+        from persam_dreambooth import testing as tiny
 
         sam = tiny.tiny_sam()
     else:
@@ -53,8 +52,7 @@ def write_photos(folder: Path, count: int, size: int) -> tuple[list[Path], objec
     """``count`` synthetic JPEG photos (``size`` x 3/4 ``size``) + a reference image and mask."""
     from PIL import Image
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    import tiny
+    from persam_dreambooth import testing as tiny
 
     h, w = (size * 3) // 4, size
     folder.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _child(stage: str, folder: Path) -> None:
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    sys.path.insert(0, str(ROOT))
     import numpy as np  # noqa: F401
-    import tiny
     import torch  # noqa: F401
 
     from persam_dreambooth import cli
+    from persam_dreambooth import testing as tiny
     from persam_dreambooth.data.images import load_image
 
     tiny.register_tiny_sam()
@@ -55,11 +55,12 @@ def main(argv=None) -> int:
         _child(args.child, args.folder)
         return 0
 
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    sys.path.insert(0, str(ROOT))
     import numpy as np
-    import tiny
     import torch
     from PIL import Image
+
+    from persam_dreambooth import testing as tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -40,8 +40,7 @@ def build_model(name: str, device: str):
     from persam_dreambooth.segmentation.sam import SAM_BUILDERS
 
     if name == "tiny":
-        sys.path.insert(0, str(ROOT / "tests"))
-        import tiny  # the test suite's tiny SAM (64-px frame, 4x4 grid)
+        from persam_dreambooth import testing as tiny  # the test suite's tiny SAM (64-px frame, 4x4 grid)
 
         sam = tiny.tiny_sam()
     else:
@@ -70,8 +69,7 @@ def load_images(source: Path | None, count: int, size: int):
             mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = True
         tests = [load_image(p) for p in paths[1 : 1 + count]]
         return ref, mask, tests, f"{source} ({len(tests)} of {len(paths) - 1} test images)"
-    sys.path.insert(0, str(ROOT / "tests"))
-    import tiny
+    from persam_dreambooth import testing as tiny
 
     ref, mask = tiny.synthetic_subject(size, size, box_yx=(size // 4, size // 4, 3 * size // 4, 3 * size // 4))
     tests = [tiny.synthetic_subject(size, size, box_yx=(size // 5 + i, size // 3, 3 * size // 4, 4 * size // 5),

@@ -6,9 +6,12 @@ One mechanism serves every schema in the package (each layer owns its dataclass,
 * :func:`from_dict` builds a dataclass from a mapping. **Unknown keys are errors** that list the valid keys and the
   closest match; **type mismatches are errors** naming the key, the value and the expected type.
 * :func:`load_config_file` reads ``.yaml``/``.yml`` (``yaml.safe_load``) or ``.toml`` (stdlib ``tomllib``).
-* :func:`add_dataclass_arguments` turns the fields into ``--field_name`` flags (the field name is the flag name, so
-  the config key, the flag and the function parameter agree), and :func:`parse_config` merges
-  ``defaults < --config FILE < flags``.
+* :func:`add_dataclass_arguments` turns the fields into flags: ``--field_name`` (the field name is the flag name, so
+  the config key, the flag and the function parameter agree; diffusers' spelling, used by ``train``), or
+  ``--field-name`` with ``dashes=True`` (the other commands), or the field's own ``flag=`` metadata
+  (:func:`field_help`). :func:`flag_name` gives the spelling back, so library errors can name the flag the user
+  typed. :func:`parse_config` merges ``defaults < --config FILE < flags``.
+* Floats must be finite: ``nan`` and ``inf`` are refused wherever a config is filled (flags, files, code).
 * :func:`to_dict` / :func:`dump_config` write the resolved config next to the outputs.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 import types
@@ -38,6 +42,7 @@ __all__ = [
     "add_dataclass_arguments",
     "parse_config",
     "field_help",
+    "flag_name",
 ]
 
 T = TypeVar("T")
@@ -47,10 +52,19 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid. The message names the key, the value and the rule."""
 
 
-def field_help(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
-    """``dataclasses.field`` with a ``help`` string in its metadata (peft style)."""
+def field_help(
+    default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, **kwargs: Any  # noqa: A002
+) -> Any:
+    """``dataclasses.field`` with a ``help`` string (peft style) and optionally the flag's spelling in its metadata.
+
+    ``flag`` (e.g. ``"--ref-box"``) overrides the spelling :func:`add_dataclass_arguments` derives from the name.
+    """
     metadata = dict(kwargs.pop("metadata", {}) or {})
     metadata["help"] = help
+    if flag is not None:
+        if not flag.startswith("--"):
+            raise ValueError(f"flag {flag!r} must start with '--'")
+        metadata["flag"] = flag
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=metadata, **kwargs)
     if isinstance(default, list | dict | set):
@@ -135,14 +149,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"`{key}` must be an integer, got {value!r}.")
     if tp is float:
+        number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"`{key}` must be a number, got {value!r}.")
+        if number is None:
+            raise ConfigError(f"`{key}` must be a number, got {value!r}.")
+        if not math.isfinite(number):
+            raise ConfigError(f"`{key}` must be a finite number, got {value!r}.")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -238,7 +257,7 @@ def dump_config(cfg: Any, path: str | os.PathLike[str], extra: Mapping[str, Any]
 
 
 def _flag_parser(tp: Any, key: str) -> Any:
-    """An argparse ``type=`` callable for the annotation ``tp``.
+    """An argparse ``type=`` callable for the annotation ``tp``; errors name ``key`` (the flag as typed).
 
     The text is taken as is when the field accepts that string (a ``str`` field, a string option of a ``Literal``
     such as ``--mixed_precision no``, a number for a float field); otherwise it is read as a YAML scalar, so ints,
@@ -249,7 +268,7 @@ def _flag_parser(tp: Any, key: str) -> Any:
         if text.strip() in ("null", "Null", "NULL", "~") and _accepts_none(tp):  # YAML's null spellings
             return None
         try:
-            return _coerce(text, tp, f"--{key}")
+            return _coerce(text, tp, key)
         except ConfigError:
             pass
         try:
@@ -257,7 +276,7 @@ def _flag_parser(tp: Any, key: str) -> Any:
         except yaml.YAMLError:
             value = text
         try:
-            return _coerce(value, tp, f"--{key}")
+            return _coerce(value, tp, key)
         except ConfigError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from exc
 
@@ -292,10 +311,23 @@ def _is_list(tp: Any) -> tuple[bool, Any]:
     return False, None
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
-    """Add one ``--<field>`` flag per field of ``cls`` (defaults stay ``None`` so only given flags override).
+def flag_name(cls: type, name: str, dashes: bool = False) -> str:
+    """The command-line spelling of field ``name`` of ``cls``: its ``flag`` metadata, else ``--name`` (or
+    ``--na-me`` with ``dashes``). Library code uses it to name the flag in an error message."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("flag") or ("--" + (name.replace("_", "-") if dashes else name))
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
 
-    Booleans get ``--flag`` / ``--no-flag``; list fields take several values (``--prompt a b``).
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (), dashes: bool = False
+) -> None:
+    """Add one flag per field of ``cls`` (defaults stay ``None`` so only given flags override).
+
+    The flag is :func:`flag_name` (``--field_name``, or ``--field-name`` with ``dashes``); the value lands in
+    ``args.<field_name>`` either way. Booleans get ``--flag`` / ``--no-flag``; list fields take several values
+    (``--prompt a b``).
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -307,18 +339,21 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: Se
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         )
         help_text = f"{help_text} (default: {default!r})" if help_text else f"(default: {default!r})"
-        flag = f"--{f.name}"
+        flag = flag_name(cls, f.name, dashes)
         if _is_bool(tp):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
             continue
         is_list, item_tp = _is_list(tp)
         if is_list:
-            parser.add_argument(flag, nargs="*", type=_flag_parser(item_tp, f.name), default=None, help=help_text)
+            parser.add_argument(flag, dest=f.name, nargs="*", type=_flag_parser(item_tp, flag), default=None,
+                                help=help_text)
             continue
         choices = get_args(tp) if get_origin(tp) is Literal else None
         parser.add_argument(
             flag,
-            type=_flag_parser(tp, f.name),
+            dest=f.name,
+            type=_flag_parser(tp, flag),
             default=None,
             help=help_text + (f" choices: {', '.join(map(str, choices))}" if choices else ""),
             metavar=f.name.upper(),

@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import tiny  # noqa: E402
+from persam_dreambooth import testing as tiny  # noqa: E402
 
 
 def pytest_configure(config):

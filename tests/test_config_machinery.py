@@ -13,6 +13,7 @@ from persam_dreambooth.config import (
     add_dataclass_arguments,
     dump_config,
     field_help,
+    flag_name,
     from_dict,
     load_config_file,
     parse_config,
@@ -106,3 +107,36 @@ def test_dump_reloads_to_an_equal_config(tmp_path):
     data = load_config_file(tmp_path / "resolved.yaml")
     assert data.pop("_meta") == {"version": "0"}
     assert from_dict(Demo, data) == cfg
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "Infinity", ".nan", ".inf"])
+def test_float_flags_and_files_refuse_non_finite_values(text, capsys):
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Demo)
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--learning_rate", text])
+    assert exc.value.code == 2
+    assert "--learning_rate" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="learning_rate.*finite"):
+        from_dict(Demo, {"learning_rate": float(text.replace(".", ""))})
+
+
+@dataclasses.dataclass(kw_only=True)
+class Dashed:
+    guidance_scale: float = 7.5
+    ref_box: str | None = field_help(None, help="a box", flag="--ref-box")
+    use_cache: bool = False
+
+
+def test_dashed_flags_fill_the_same_fields_and_name_the_flag_in_errors(capsys):
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Dashed, dashes=True)
+    args = parser.parse_args(["--guidance-scale", "3", "--ref-box", "1,2,3,4", "--use-cache"])
+    cfg = parse_config(Dashed, args)
+    assert (cfg.guidance_scale, cfg.ref_box, cfg.use_cache) == (3.0, "1,2,3,4", True)
+    assert flag_name(Dashed, "guidance_scale", dashes=True) == "--guidance-scale"
+    assert flag_name(Dashed, "guidance_scale") == "--guidance_scale"
+    assert flag_name(Dashed, "ref_box") == "--ref-box"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--guidance-scale", "nan"])
+    assert "--guidance-scale" in capsys.readouterr().err

@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import tiny
 import torch
 from PIL import Image
 
 from persam_dreambooth import cli
+from persam_dreambooth import testing as tiny
 
 
 @pytest.fixture(autouse=True)

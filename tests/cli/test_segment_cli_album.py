@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import tiny
 from PIL import Image
 from segment_anything.modeling import ImageEncoderViT
 
 from persam_dreambooth import cli
+from persam_dreambooth import testing as tiny
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny
 from PIL import Image
+
+from persam_dreambooth import testing as tiny
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]

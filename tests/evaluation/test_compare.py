@@ -8,10 +8,10 @@ import shutil
 
 import numpy as np
 import pytest
-import tiny
 import yaml
 from PIL import Image
 
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.cli import compare as compare_cli
 from persam_dreambooth.evaluation.compare import compare, parse_runs
 from persam_dreambooth.evaluation.embedders import MetricModelError

@@ -6,10 +6,10 @@ import argparse
 import json
 
 import pytest
-import tiny
 import torch
 import yaml
 
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.cli import compare as compare_cli
 from persam_dreambooth.config import ConfigError
 from persam_dreambooth.evaluation.train_compare import paired_train_configs

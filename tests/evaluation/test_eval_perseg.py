@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import tiny
 import torch
 from PIL import Image
 
 from persam_dreambooth import cli
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.data.images import load_mask
 from persam_dreambooth.evaluation.perseg import discover_perseg
 from persam_dreambooth.evaluation.segmentation_metrics import PooledIoU

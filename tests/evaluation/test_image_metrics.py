@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny
 import torch
 
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.evaluation.embedders import ClipEmbedder, DinoEmbedder, MetricModelError
 from persam_dreambooth.evaluation.image_metrics import (
     FILL,

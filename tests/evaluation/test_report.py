@@ -9,9 +9,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import tiny
 from PIL import Image
 
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.evaluation.report import bar_chart_png, format_value, metrics_markdown
 
 

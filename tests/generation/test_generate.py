@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-import tiny
 from PIL import Image
 
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.generation import GenerationConfig, generate, image_name, load_records, read_prompts_file
 
 PROMPTS = ["a photo of sks dog", "a dog"]

@@ -3,9 +3,9 @@
 
 import numpy as np
 import pytest
-import tiny
 from PIL import Image
 
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.masks import MaskSet
 from persam_dreambooth.masks.make import copy_mask_set, make_mask_set, segmenter_class
 from persam_dreambooth.masks.overlay import masks_grid, overlay_mask

@@ -1,9 +1,9 @@
 """Fixtures shared by the segmentation tests (each test module gets its own tiny SAM instance)."""
 
 import pytest
-import tiny
 
 from persam_dreambooth import PerSAM
+from persam_dreambooth import testing as tiny
 
 
 @pytest.fixture(scope="module")

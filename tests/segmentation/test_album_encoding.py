@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import tiny
 import torch
 from PIL import Image
 
 from persam_dreambooth import PerSAM
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.segmentation.album import AlbumOptions, segment_images
 from persam_dreambooth.segmentation.embedding_cache import EmbeddingCache, EncoderIdentity, state_dict_sha256
 from persam_dreambooth.segmentation.encoding import BatchEncoder, check_encoder_dtype

@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 import pytest
-import tiny
 from PIL import Image
 
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.segmentation.album import (
     AlbumOptions,
     instance_name,

@@ -6,10 +6,10 @@ import warnings
 
 import numpy as np
 import pytest
-import tiny
 import torch
 
 from persam_dreambooth import PerSAM, PerSAMF, Segmentation
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.segmentation.location_prior import attention_prior
 from persam_dreambooth.segmentation.persam import EmptyMaskWarning, persam_cascade, persam_cascade_batch
 from persam_dreambooth.segmentation.predictor import GuidedSamPredictor

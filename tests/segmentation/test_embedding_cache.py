@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import tiny
 import torch
 
 from persam_dreambooth import PerSAM
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.segmentation import embedding_cache as ec
 from persam_dreambooth.segmentation.embedding_cache import (
     EmbeddingCache,

@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 import pytest
-import tiny
 import torch
 from segment_anything import SamPredictor
 from segment_anything.modeling.transformer import Attention
 
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.segmentation.guided_decoder import (
     GuidedAttention,
     GuidedMaskDecoder,

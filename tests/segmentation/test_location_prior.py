@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-import tiny
 import torch
 import torch.nn.functional as F
 
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.segmentation.location_prior import (
     attention_prior,
     box_from_mask,

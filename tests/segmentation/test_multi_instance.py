@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tiny
 import torch
 
 from persam_dreambooth import PerSAM, PerSAMF, Segmentation
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.segmentation.multi_instance import (
     DEFAULT_OVERLAP_IOU,
     DEFAULT_SIMILARITY_THRESHOLD,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tiny
 import torch
 from PIL import Image
 from test_persam_f import published_fit
 
 from persam_dreambooth import PerSAM, PerSAMF
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.segmentation.location_prior import select_point_prompts, target_embedding
 from persam_dreambooth.segmentation.persam import location_confidence
 

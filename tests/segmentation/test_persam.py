@@ -7,12 +7,12 @@ import warnings
 
 import numpy as np
 import pytest
-import tiny
 import torch
 from PIL import Image
 from segment_anything import SamPredictor
 
 from persam_dreambooth import PerSAM, Segmentation
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.segmentation.location_prior import (
     attention_prior,
     box_from_mask,

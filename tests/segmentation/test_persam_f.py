@@ -8,11 +8,11 @@ import warnings
 
 import numpy as np
 import pytest
-import tiny
 import torch
 from segment_anything import SamPredictor
 
 from persam_dreambooth import PerSAM, PerSAMF, Segmentation
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.segmentation.location_prior import (
     box_from_mask,
     select_point_prompts,

@@ -9,10 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import tiny
 import torch
 
 from persam_dreambooth import load_sam
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.segmentation import sam as sam_module
 from persam_dreambooth.segmentation.sam import (
     SAM_BUILDERS,

@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 import pytest
-import tiny
 from PIL import Image
 
 from persam_dreambooth import PerSAM
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.segmentation.album import (
     RESULTS_FILE,
     check_instance_stems,

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny
 from accelerate import PartialState
 from PIL import Image
 
 from persam_dreambooth import PerSAM
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.segmentation.album import AlbumOptions, segment_images
 from persam_dreambooth.segmentation.sharding import (
     RESULTS_FILE,
@@ -116,7 +116,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_sam_checkpoint):
     Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "ref_mask.png")
     tiny.write_instance_dir(tmp_path / "photos", n=5)
     entry = tmp_path / "entry.py"  # registers the tiny SAM in each process, then runs the real command line
-    entry.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nimport tiny\n"
+    entry.write_text("import sys\nfrom persam_dreambooth import testing as tiny\n"
                      "tiny.register_tiny_sam()\nfrom persam_dreambooth.cli import main\nsys.exit(main())\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
-import tiny
 from PIL import Image
+
+from persam_dreambooth import testing as tiny
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny
 import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from persam_dreambooth import testing as tiny
 from persam_dreambooth.config import from_dict, load_config_file
 from persam_dreambooth.training import TrainConfig, TrainingDivergedError, driver, train
 

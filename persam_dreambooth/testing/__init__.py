@@ -1,4 +1,7 @@
-"""Tiny models built from the real classes, for offline CPU tests (house style §8).
+"""Tiny models built from the real classes, for offline CPU tests, docs examples and benchmarks.
+
+A public module (as ``diffusers.utils.testing_utils``) so that tests, the docs and the benchmarks use one set of
+builders. The product never imports it.
 
 Nothing here downloads: the CLIP tokenizer is written to a folder from a 78-entry vocabulary, SAM is built from
 segment_anything's own modules with a 4x4 embedding grid, and Stable Diffusion from diffusers' UNet/VAE plus a
