@@ -44,13 +44,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    _warnings_as_log_lines()
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, NotADirectoryError, ValueError, TypeError, RuntimeError) as exc:
+    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, TypeError, RuntimeError) as exc:
         if args.verbose:
             raise
         print(f"persam-dreambooth {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201 - CLI boundary
         return 2
+
+
+def _warnings_as_log_lines() -> None:
+    """Show each Python warning as one clean log line (``WARNING persam_dreambooth: <message>``), without the
+    ``file.py:388: SmallReferenceWarning:`` prefix and source line that ``warnings`` prints by default."""
+    import warnings
+
+    log = logging.getLogger("persam_dreambooth")
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' signature
+        log.warning("%s", message)
+
+    warnings.showwarning = show
 
 
 if __name__ == "__main__":  # pragma: no cover
