@@ -3,7 +3,7 @@
 # builders):
 #   1. benchmarks/segment_speed.py: PerSAM.segment vs plain SAM (SamPredictor) on the same model and photos;
 #   2. benchmarks/segment_album.py: album images/second: one at a time fp32, batched fp32 and bf16, cache cold/warm;
-#   3. benchmarks/persam_f_fit.py (if present): PerSAM-F fitting time (cached logits vs a decoder-per-step loop);
+#   3. benchmarks/persam_f_fit.py (if present): PerSAM-F reference fit end to end (autograd fit vs the fused one in git);
 #   4. the real command line under `accelerate launch` (1 process): batch 8, bf16, a cache, then a second reference
 #      on the same photos (warm cache: no encoder call), then a rerun (resume: nothing to do).
 # Usage: bash benchmarks/gpu_segment_check.sh [OUT_DIR]    (PYTHON=... picks the interpreter; ~3-5 min on an H100)

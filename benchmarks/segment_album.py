@@ -73,8 +73,8 @@ def sync(device: str) -> None:
 
 def run_mode(persam, paths, out: Path, *, batch_size: int, dtype: str, cache=None, prefetch: int, device: str,
              background: bool = True):
-    from persam_dreambooth.segmentation.album import AlbumOptions, segment_images
-    from persam_dreambooth.segmentation.encoding import BatchEncoder
+    from persam_dreambooth.albums.batch_encoder import BatchEncoder
+    from persam_dreambooth.albums.segment_photos import AlbumOptions, segment_images
 
     out.mkdir(parents=True, exist_ok=True)
     encoder = BatchEncoder(persam.predictor, dtype, cache)
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from persam_dreambooth import PerSAM
-    from persam_dreambooth.segmentation.embedding_cache import EmbeddingCache, EncoderIdentity
+    from persam_dreambooth.albums.embedding_cache import EmbeddingCache, EncoderIdentity
 
     sam = build_model(args.model, args.checkpoint, args.device)
     persam = PerSAM(sam)

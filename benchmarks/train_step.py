@@ -8,11 +8,23 @@ so drift in a shared machine hits them alike. Variants:
 * ``vanilla``: ``mask_source: none``, i.e. our code path with all-ones masks;
 * ``masked``: real subject masks (dilated by 2 px) through ``masked_diffusion_loss``.
 
-Models (random weights, built in memory, nothing downloaded): ``tiny`` (the test model) or ``sd15-random`` (the
-Stable Diffusion 1.5 UNet / VAE / CLIP text encoder architectures). Examples::
+Models (random weights, nothing downloaded): ``tiny`` (the test pipeline of ``--family``: sd, sdxl, sd3, flux,
+flux2_klein, z_image, built with ``persam_dreambooth.testing`` and loaded through the family module exactly as the
+trainer loads a real one; also qwen_image), ``sd15-random`` (the Stable Diffusion 1.5 UNet / VAE / CLIP text encoder
+architectures, ``--family sd``), ``sdxl-random`` (SDXL 1.0 base, ``--family sdxl``), ``sd35m-random`` (SD 3.5 medium
+transformer and VAE, ``--family sd3``) or ``flux-dev-random`` (FLUX.1 [dev] transformer and VAE, ``--family flux``);
+the two flow models get text encoders with the real output widths but one layer (their prompts are encoded once,
+before the timed steps; ``--offload`` then moves them off the device, as the trainer does). Examples::
 
     python benchmarks/train_step.py --model tiny --resolution 32 --steps 30
+    python benchmarks/train_step.py --family flux --resolution 32 --steps 30   # masked-loss overhead on FLUX
+    python benchmarks/train_step.py --family sdxl --model sdxl-random --resolution 1024 --device cuda \
+        --mixed_precision fp16 --gradient_checkpointing --steps 10 --json sdxl.json
     python benchmarks/train_step.py --model sd15-random --resolution 64 --steps 2 --warmup 1 --rounds 1
+    python benchmarks/train_step.py --family flux --model flux-dev-random --resolution 512 --device cuda \
+        --mixed_precision bf16 --gradient_checkpointing --offload --steps 5 --json flux.json
+    python benchmarks/train_step.py --family sd3 --model sd35m-random --layers 1 --resolution 32 --steps 1 \
+        --warmup 1 --rounds 1   # plumbing on a CPU: one block of each kind, real widths
     python benchmarks/train_step.py --model sd15-random --resolution 512 --device cuda --mixed_precision fp16 \
         --gradient_checkpointing --steps 20 --json out.json
 
@@ -42,11 +54,26 @@ sys.path.insert(0, str(ROOT))
 
 import persam_dreambooth.training.step as step_module  # noqa: E402
 from persam_dreambooth.training import TrainConfig  # noqa: E402
-from persam_dreambooth.training.components import BaseModelInfo, Components  # noqa: E402
-from persam_dreambooth.training.dataset import collate_examples  # noqa: E402
-from persam_dreambooth.training.setup import build_dataset, cache_latents, make_optimizer, prepare_models  # noqa: E402
-from persam_dreambooth.training.step import StepModels, encode_prompt, tokenize_prompt, training_step  # noqa: E402
+from persam_dreambooth.training.components import inspect_base_model, load_components  # noqa: E402
+from persam_dreambooth.training.dataset import build_dataset, cache_latents, collate_examples  # noqa: E402
+from persam_dreambooth.training.families import BaseModelInfo, Components  # noqa: E402
+from persam_dreambooth.training.families.sdxl import StableDiffusionXLFamily  # noqa: E402
+from persam_dreambooth.training.families.stable_diffusion import StableDiffusionFamily  # noqa: E402
+from persam_dreambooth.training.optim import make_optimizer  # noqa: E402
+from persam_dreambooth.training.step import build_step_models, training_step  # noqa: E402
+from persam_dreambooth.training.trainable import prepare_models  # noqa: E402
 from persam_dreambooth.utils.io import atomic_write_json  # noqa: E402
+
+#: ``--family`` -> the tiny pipeline builder (``persam_dreambooth.testing``) and extra TrainConfig fields.
+FAMILY_BUILDERS = {
+    "sd": ("persam_dreambooth.testing:save_tiny_sd", {}),
+    "sdxl": ("persam_dreambooth.testing.families:save_tiny_sdxl", {}),
+    "sd3": ("persam_dreambooth.testing.flow_families:save_tiny_sd3", {"max_sequence_length": 16}),
+    "flux": ("persam_dreambooth.testing.flow_families:save_tiny_flux", {"max_sequence_length": 16}),
+    "flux2_klein": ("persam_dreambooth.testing.flow_families:save_tiny_flux2_klein", {"max_sequence_length": 16}),
+    "z_image": ("persam_dreambooth.testing.flow_families:save_tiny_z_image", {"max_sequence_length": 16}),
+    "qwen_image": ("persam_dreambooth.testing.flow_families:save_tiny_qwen_image", {"max_sequence_length": 16}),
+}
 
 # Stable Diffusion 1.5 architectures (stable-diffusion-v1-5/stable-diffusion-v1-5 configs), random weights.
 SD15_UNET = {
@@ -68,20 +95,46 @@ SD15_TEXT = {
     "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
     "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768,
 }
-TINY_UNET = {
-    "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (4, 8),
-    "norm_num_groups": 2, "attention_head_dim": 2, "cross_attention_dim": 8,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"), "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+# Stable Diffusion XL 1.0 base architectures (stabilityai/stable-diffusion-xl-base-1.0 configs), random weights:
+# 2,567,463,684 UNet parameters; the second text encoder is OpenCLIP ViT-bigG's text tower (694,659,840).
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048,
+    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32, "flip_sin_to_cos": True, "freq_shift": 0,
 }
-TINY_VAE = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (4, 8), "layers_per_block": 1,
-    "norm_num_groups": 2, "sample_size": 32, "down_block_types": ("DownEncoderBlock2D",) * 2,
-    "up_block_types": ("UpDecoderBlock2D",) * 2,
+SDXL_TEXT_2 = {
+    "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+    "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280,
 }
-TINY_TEXT = {
-    "vocab_size": 1000, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "max_position_embeddings": 77,
+
+
+# Stable Diffusion 3.5 medium (stabilityai/stable-diffusion-3.5-medium transformer/config.json): 2.47B parameters,
+# MMDiT-X with dual attention in the first 13 blocks.
+SD35M_TRANSFORMER = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "pos_embed_max_size": 384, "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
 }
+# FLUX.1 [dev] (black-forest-labs/FLUX.1-dev transformer/config.json): 11.9B parameters, guidance embedding.
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+# The 16-channel VAE of SD3.5 and FLUX.1 (scaling / shift factors differ).
+FLOW_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2, "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "norm_num_groups": 32, "sample_size": 1024, "use_quant_conv": False, "use_post_quant_conv": False,
+    "act_fn": "silu",
+}
+FLOW_VAE_FACTORS = {"sd35m-random": (1.5305, 0.0609), "flux-dev-random": (0.3611, 0.1159)}
 
 
 def write_tokenizer(folder: Path):
@@ -96,31 +149,128 @@ def write_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
 
 
-def build_components(model: str, device: torch.device, workdir: Path) -> Components:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_family_components(family: str, workdir: Path, config_fields: dict) -> tuple[dict, Components]:
+    """Save the tiny pipeline of ``family`` and load it through the family module, as ``train`` does."""
+    from importlib import import_module
 
-    unet_cfg, vae_cfg, text_cfg = (SD15_UNET, SD15_VAE, SD15_TEXT) if model == "sd15-random" else \
-        (TINY_UNET, TINY_VAE, TINY_TEXT)
-    tokenizer = write_tokenizer(workdir / "tokenizer")
+    target, extra = FAMILY_BUILDERS[family]
+    module, _, name = target.partition(":")
+    folder = getattr(import_module(module), name)(workdir / "model")
+    fields = {**config_fields, **extra, "pretrained_model_name_or_path": str(folder)}
+    config = TrainConfig(**fields)
+    return fields, load_components(config, inspect_base_model(config))
+
+
+def _text_stand_ins(kind: str, tokenizer, t5_tokenizer) -> dict:
+    """Text encoders with the real output widths (CLIP-L 768, CLIP-G 1280, T5-XXL 4096) but one layer and a tiny
+    vocabulary: their embeddings are computed once before the step (``pre_compute_text_embeddings``) and the
+    encoders leave the device (``offload``), so the timed steps and their peak memory do not depend on them."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer), "num_hidden_layers": 1,
+           "intermediate_size": 64, "max_position_embeddings": 77}
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=4096, d_ff=64, d_kv=64, num_layers=1,
+                                 num_heads=2, pad_token_id=t5_tokenizer.pad_token_id))
+    if kind == "flux":
+        return {"text_encoder": CLIPTextModel(CLIPTextConfig(hidden_size=768, num_attention_heads=12, **ids)),
+                "text_encoder_2": t5}
+    return {"text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, num_attention_heads=12,
+                                                                       projection_dim=768, **ids)),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, num_attention_heads=20,
+                                                                         projection_dim=1280, **ids)),
+            "text_encoder_3": t5}
+
+
+def build_flow_components(model: str, device: torch.device, workdir: Path, layers: int | None,
+                          dtype: torch.dtype = torch.float32) -> Components:
+    """SD3.5 medium (``sd35m-random``) or FLUX.1 [dev] (``flux-dev-random``): the real transformer and VAE
+    architectures with random weights, built on ``device``; text-encoder stand-ins (:func:`_text_stand_ins`).
+
+    Args:
+        layers: keep only this many transformer blocks (FLUX: of each kind), for a plumbing run on a CPU; None =
+            the real depth.
+        dtype: the weights are created in it (FLUX.1 [dev] in float32 would need 48 GB before the cast).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+
+    from persam_dreambooth.testing.flow_families import tiny_t5_tokenizer
+    from persam_dreambooth.training.families.flux import FluxFamily
+    from persam_dreambooth.training.families.sd3 import StableDiffusion3Family
+
+    flux = model == "flux-dev-random"
+    cfg = dict(FLUX_DEV_TRANSFORMER if flux else SD35M_TRANSFORMER)
+    if layers is not None:
+        cfg["num_layers"] = layers
+        if flux:
+            cfg["num_single_layers"] = layers
+        else:
+            cfg["dual_attention_layers"] = tuple(i for i in cfg["dual_attention_layers"] if i < layers)
+    scaling, shift = FLOW_VAE_FACTORS[model]
+    tokenizer, t5_tokenizer = write_tokenizer(workdir / "tokenizer"), tiny_t5_tokenizer()
     torch.manual_seed(0)
-    with torch.device(device):  # initialise on the device (much faster for the 860M-parameter UNet on a GPU)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            denoiser = (FluxTransformer2DModel if flux else SD3Transformer2DModel)(**cfg)
+            vae = AutoencoderKL(**FLOW_VAE, scaling_factor=scaling, shift_factor=shift)
+            text_encoders = _text_stand_ins("flux" if flux else "sd3", tokenizer, t5_tokenizer)
+    finally:
+        torch.set_default_dtype(previous)
+    for module in (denoiser, vae, *text_encoders.values()):
+        module.requires_grad_(False)
+    if flux:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    family = FluxFamily() if flux else StableDiffusion3Family()
+    info = BaseModelInfo(
+        name_or_path=model, family=family.name, pipeline_class=family.pipeline_class_name, components={},
+        vae_scale_factor=8, loss_grid_factor=8, resolution_multiple=16, denoiser_downsample_factor=1,
+        latent_channels=16, prediction_type="flow_matching", vae_config=dict(vae.config),
+        extra={"guidance_embeds": True} if flux else {},
+    )
+    tokenizers = {name: t5_tokenizer if name == family.tokenizer_names[-1] else tokenizer
+                  for name in family.tokenizer_names}
+    return Components(family=family, info=info, denoiser=denoiser, vae=vae, text_encoders=text_encoders,
+                      tokenizers=tokenizers, noise_scheduler=scheduler)
+
+
+def build_components(model: str, device: torch.device, workdir: Path) -> Components:
+    """The SD 1.5 (``sd15-random``) or SDXL 1.0 base (``sdxl-random``: 2.57B-parameter UNet, CLIP-L + OpenCLIP
+    bigG with projection) architectures, random weights, built on ``device``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    xl = model == "sdxl-random"
+    unet_cfg, vae_cfg = (SDXL_UNET, {**SD15_VAE, "scaling_factor": 0.13025}) if xl else (SD15_UNET, SD15_VAE)
+    tokenizer = write_tokenizer(workdir / "tokenizer")
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device (much faster for the 0.9-2.6B-parameter UNets on a GPU)
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**vae_cfg)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            **text_cfg, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
-    for module in (unet, vae, text_encoder):
+        text_encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT, **ids))}
+        if xl:
+            text_encoders["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2, **ids))
+    for module in (unet, vae, *text_encoders.values()):
         module.requires_grad_(False)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False)
+    scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    family = StableDiffusionXLFamily() if xl else StableDiffusionFamily()
     info = BaseModelInfo(
-        name_or_path=model, components={}, vae_scale_factor=2 ** (len(vae_cfg["block_out_channels"]) - 1),
-        unet_downsample_factor=2 ** (len(unet_cfg["down_block_types"]) - 1), latent_channels=4,
-        prediction_type="epsilon", pipeline_class="StableDiffusionPipeline",
+        name_or_path=model, family=family.name, pipeline_class=family.pipeline_class_name, components={},
+        vae_scale_factor=scale, loss_grid_factor=scale, resolution_multiple=scale,
+        denoiser_downsample_factor=2 ** (len(unet_cfg["down_block_types"]) - 1), latent_channels=4,
+        prediction_type="epsilon", vae_config=dict(vae.config),
     )
-    return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=scheduler,
-                      info=info)
+    tokenizers = dict.fromkeys(family.tokenizer_names, tokenizer)
+    return Components(family=family, info=info, denoiser=unet, vae=vae, text_encoders=text_encoders,
+                      tokenizers=tokenizers, noise_scheduler=scheduler)
 
 
 def write_data(folder: Path, n: int, size: int) -> tuple[list[Path], list[Path]]:
@@ -155,13 +305,13 @@ def _mse_per_sample(pred, target, mask, background_weight=0.0, normalize="per_sa
 
 
 def micro_costs(device: torch.device, latent_hw: tuple[int, int], batch: int, dataset_masked, dataset_vanilla,
-                repeats: int = 200) -> dict[str, float]:
+                repeats: int = 200, channels: int = 4) -> dict[str, float]:
     """Isolated costs of what the mask adds: the loss (forward + backward) and the per-item data work."""
     from persam_dreambooth.training.losses import masked_diffusion_loss
 
     g = torch.Generator(device).manual_seed(0)
-    pred = torch.randn(batch, 4, *latent_hw, generator=g, device=device, requires_grad=True)
-    target = torch.randn(batch, 4, *latent_hw, generator=g, device=device)
+    pred = torch.randn(batch, channels, *latent_hw, generator=g, device=device, requires_grad=True)
+    target = torch.randn(batch, channels, *latent_hw, generator=g, device=device)
     mask = (torch.rand(batch, 1, *latent_hw, generator=g, device=device) > 0.5).float()
 
     def timed(fn) -> float:
@@ -186,7 +336,15 @@ def micro_costs(device: torch.device, latent_hw: tuple[int, int], batch: int, da
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("tiny", "sd15-random"), default="tiny")
+    parser.add_argument("--family", choices=sorted(FAMILY_BUILDERS), default="sd",
+                        help="model family of the tiny pipeline (--model tiny)")
+    parser.add_argument("--model", choices=("tiny", "sd15-random", "sdxl-random", "sd35m-random", "flux-dev-random"),
+                        default="tiny")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="sd35m-random / flux-dev-random: keep this many transformer blocks (plumbing on a CPU)")
+    parser.add_argument("--offload", action="store_true",
+                        help="move the frozen text encoders (and the VAE with cached latents) off the device after "
+                        "use, as the trainer's --offload")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
@@ -209,34 +367,46 @@ def main(argv: list[str] | None = None) -> int:
     device = accelerator.device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     workdir = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
+    wanted = {"sd15-random": "sd", "sdxl-random": "sdxl", "sd35m-random": "sd3", "flux-dev-random": "flux"}.get(
+        args.model)
+    if wanted is not None and args.family != wanted:
+        parser.error(f"--model {args.model} is the {wanted} architecture: use it with --family {wanted}")
     t0 = time.perf_counter()
-    comps = build_components(args.model, device, workdir)
+    fields = {"pretrained_model_name_or_path": args.model, "instance_data_dir": str(workdir), "output_dir": "-",
+              "instance_prompt": "a photo of sks dog", "mask_source": "none", "resolution": args.resolution,
+              "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing,
+              "train_batch_size": args.batch_size, "learning_rate": 1e-5}
+    if args.model == "tiny":
+        fields, comps = build_family_components(args.family, workdir, fields)
+    elif args.model in FLOW_VAE_FACTORS:
+        comps = build_flow_components(args.model, device, workdir, args.layers, dtype)
+    else:
+        comps = build_components(args.model, device, workdir)
     build_s = time.perf_counter() - t0
-    config = TrainConfig(pretrained_model_name_or_path=args.model, instance_data_dir=str(workdir), output_dir="-",
-                         instance_prompt="a photo of sks dog", mask_source="none", resolution=args.resolution,
-                         rank=args.rank, gradient_checkpointing=args.gradient_checkpointing,
-                         train_batch_size=args.batch_size, learning_rate=1e-5)
+    config = TrainConfig(**fields)
     trained = prepare_models(config, comps, device, dtype)
     optimizer = make_optimizer(config, trained.parameters(), config.learning_rate)
-    unet, optimizer = accelerator.prepare(trained.unet, optimizer)
-    ids, _ = tokenize_prompt(comps.tokenizer, config.instance_prompt, comps.token_length)
-    with torch.no_grad():
-        embeds = encode_prompt(comps.text_encoder, ids)
+    denoiser, optimizer = accelerator.prepare(trained.denoiser, optimizer)
     images, masks = write_data(workdir / "data", n=4, size=args.resolution)
-    latent_hw = (args.resolution // comps.info.vae_scale_factor,) * 2
+    latent_hw = (args.resolution // comps.info.loss_grid_factor,) * 2
+    family = comps.family
 
     runs = {}
     for cached in {"both": (False, True), "on": (True,), "off": (False,)}[args.cache]:
         for variant in args.variants.split(","):
             data_config = config.replace(center_crop=True, mask_dilate_px=2 if variant == "masked" else 0)
             dataset = build_dataset(data_config, images, masks if variant == "masked" else None, None, latent_hw,
-                                    seed=0)
+                                    seed=0, crop_conditioning=family.uses_crop_conditioning)
             if cached:
-                dataset = cache_latents(dataset, comps.vae, args.batch_size, device, dtype)
-            models = StepModels(unet=unet, vae=None if cached else comps.vae, text_encoder=None,
-                                noise_scheduler=comps.noise_scheduler,
-                                latent_scaling=float(comps.vae.config.scaling_factor), instance_embeds=embeds)
+                dataset = cache_latents(dataset, family, comps.vae, args.batch_size, device, dtype)
+            models = build_step_models(data_config.replace(cache_latents=cached), comps, trained, device)
+            models.denoiser = denoiser
             runs[(variant, cached)] = (dataset, models)
+    if args.offload:  # every variant's prompts are encoded now: the text encoders leave the device (--offload)
+        for text_encoder in comps.text_encoders.values():
+            text_encoder.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def one_step(variant: str, dataset, models, i: int) -> float:
         batch = collate_examples([dataset[(i * args.batch_size + j) % len(dataset)] for j in range(args.batch_size)])
@@ -285,16 +455,18 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"variant": variant, "cached_latents": cached, "sec_per_step": sec,
                         "steps_per_sec": 1 / sec, "overhead_vs_mse_pct": None if base is None else
                         100 * (sec / base - 1), "peak_mem_mb": peaks[key], "finite_loss": finite[key]})
-    header = {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
+    header = {"family": family.name, "model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
               "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
               "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
               "rank": args.rank, "steps": args.steps, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+              "layers": args.layers, "offload": args.offload,
               "build_seconds": round(build_s, 1),
               "trainable_params": sum(p.numel() for p in trained.parameters())}
     uncached = {variant: dataset for (variant, cached), (dataset, _) in runs.items() if not cached}
     micro = {}
     if "masked" in uncached and "vanilla" in uncached:
-        micro = micro_costs(device, latent_hw, args.batch_size, uncached["masked"], uncached["vanilla"])
+        micro = micro_costs(device, latent_hw, args.batch_size, uncached["masked"], uncached["vanilla"],
+                            channels=comps.info.latent_channels)
         added_s = (micro["loss_masked_us"] - micro["loss_mse_us"]) * 1e-6 + \
             args.batch_size * (micro["item_masked_ms"] - micro["item_vanilla_ms"]) * 1e-3
         step_s = min(r["sec_per_step"] for r in results)

@@ -24,16 +24,23 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from train_step import build_components, write_data  # noqa: E402
+from train_step import FAMILY_BUILDERS, build_components, write_data  # noqa: E402
 
 from persam_dreambooth.training import TrainConfig, train  # noqa: E402
 from persam_dreambooth.utils.io import atomic_write_json  # noqa: E402
 
 
-def save_pipeline(model: str, folder: Path) -> Path:
-    """Build the random components on the CPU and ``save_pretrained`` them as a StableDiffusionPipeline folder."""
+def save_pipeline(model: str, folder: Path, family: str = "sd") -> tuple[Path, dict]:
+    """The model folder and its extra TrainConfig fields: the tiny pipeline of ``family``, or the random SD 1.5
+    components built on the CPU and saved as a StableDiffusionPipeline folder."""
+    from importlib import import_module
+
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    if model == "tiny":
+        target, extra = FAMILY_BUILDERS[family]
+        module, _, name = target.partition(":")
+        return getattr(import_module(module), name)(folder / "model"), extra
     comps = build_components(model, torch.device("cpu"), folder / "build")
     pipe = StableDiffusionPipeline(
         vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
@@ -41,11 +48,13 @@ def save_pipeline(model: str, folder: Path) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder / "model")
-    return folder / "model"
+    return folder / "model", {}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(FAMILY_BUILDERS), default="sd",
+                        help="model family of the tiny pipeline (--model tiny)")
     parser.add_argument("--model", choices=("tiny", "sd15-random"), default="tiny")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
@@ -56,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="trainer-smoke-"))
     t0 = time.perf_counter()
-    model_dir = save_pipeline(args.model, work)
+    model_dir, extra = save_pipeline(args.model, work, args.family)
     images, masks = write_data(work / "data", n=4, size=args.resolution)
     (work / "masks").mkdir(exist_ok=True)
     for image, mask in zip(images, masks, strict=True):
@@ -70,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         resolution=args.resolution, train_batch_size=1, mixed_precision=args.mixed_precision,
         gradient_checkpointing=True, random_flip=True, checkpointing_steps=max(args.steps // 2, 1),
         checkpoints_total_limit=1, validation_prompt="a photo of sks dog", validation_steps=args.steps,
-        num_validation_images=1, validation_inference_steps=2, report_to="tensorboard", seed=0, snr_gamma=5.0,
+        num_validation_images=1, validation_inference_steps=2, report_to="tensorboard", seed=0,
+        snr_gamma=5.0 if args.family in ("sd", "sdxl") else None, **extra,
     )
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -83,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     train(TrainConfig(**common, max_train_steps=args.steps + 2, resume_from_checkpoint="latest"))
     resume_s = time.perf_counter() - start
     result = {
-        "model": args.model, "resolution": args.resolution, "mixed_precision": args.mixed_precision,
+        "family": args.family, "model": args.model, "resolution": args.resolution,
+        "mixed_precision": args.mixed_precision,
         "device": torch.cuda.get_device_name() if cuda else "cpu", "build_and_save_s": round(build_s, 1),
         "train_s_incl_setup_and_validation": round(train_s, 1), "steps": args.steps,
         "resume_2_more_steps_s": round(resume_s, 1), "peak_gpu_mem_mb": None if peak is None else round(peak),

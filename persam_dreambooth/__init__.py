@@ -14,9 +14,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "PerSAM": "persam_dreambooth.segmentation.persam",
-    "Segmentation": "persam_dreambooth.segmentation.persam",
+    "Segmentation": "persam_dreambooth.segmentation.cascade",
     "PerSAMF": "persam_dreambooth.segmentation.persam_f",
     "load_sam": "persam_dreambooth.segmentation.sam",
+    "PerSAMVideo": "persam_dreambooth.segmentation.persam_video",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -53,18 +53,23 @@ class ConfigError(ValueError):
 
 
 def field_help(
-    default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, **kwargs: Any  # noqa: A002
+    default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None,  # noqa: A002
+    aliases: Sequence[str] = (), **kwargs: Any,
 ) -> Any:
     """``dataclasses.field`` with a ``help`` string (peft style) and optionally the flag's spelling in its metadata.
 
-    ``flag`` (e.g. ``"--ref-box"``) overrides the spelling :func:`add_dataclass_arguments` derives from the name.
+    ``flag`` (e.g. ``"--ref-box"``) overrides the spelling :func:`add_dataclass_arguments` derives from the name;
+    ``aliases`` are further spellings the parser accepts (e.g. ``("--sam-model-type",)``).
     """
     metadata = dict(kwargs.pop("metadata", {}) or {})
     metadata["help"] = help
+    for spelling in (flag, *aliases):
+        if spelling is not None and not spelling.startswith("--"):
+            raise ValueError(f"flag {spelling!r} must start with '--'")
     if flag is not None:
-        if not flag.startswith("--"):
-            raise ValueError(f"flag {flag!r} must start with '--'")
         metadata["flag"] = flag
+    if aliases:
+        metadata["aliases"] = tuple(aliases)
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=metadata, **kwargs)
     if isinstance(default, list | dict | set):
@@ -102,11 +107,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
+        errors = []
         for arg in get_args(tp):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError:
-                continue
+            except ConfigError as exc:
+                errors.append(str(exc))
+        finite = [e for e in errors if "finite" in e]
+        if finite:  # a number that is not finite: say so, as a plain float field does
+            raise ConfigError(finite[0])
         raise ConfigError(f"`{key}` must be {_type_name(tp)}, got {value!r}{_bool_hint(value, tp)}.")
     if tp is type(None):
         if value is None:
@@ -321,13 +330,15 @@ def flag_name(cls: type, name: str, dashes: bool = False) -> str:
 
 
 def add_dataclass_arguments(
-    parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (), dashes: bool = False
+    parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (), dashes: bool = False,
+    underscore_aliases: bool = False,
 ) -> None:
     """Add one flag per field of ``cls`` (defaults stay ``None`` so only given flags override).
 
     The flag is :func:`flag_name` (``--field_name``, or ``--field-name`` with ``dashes``); the value lands in
     ``args.<field_name>`` either way. Booleans get ``--flag`` / ``--no-flag``; list fields take several values
-    (``--prompt a b``).
+    (``--prompt a b``). The field's ``aliases`` metadata adds spellings; ``underscore_aliases`` also accepts
+    ``--field_name`` next to a dashed flag (for commands that always took both).
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -340,18 +351,21 @@ def add_dataclass_arguments(
         )
         help_text = f"{help_text} (default: {default!r})" if help_text else f"(default: {default!r})"
         flag = flag_name(cls, f.name, dashes)
+        spellings = [flag, *f.metadata.get("aliases", ())]
+        if underscore_aliases and f"--{f.name}" not in spellings:
+            spellings.append(f"--{f.name}")
         if _is_bool(tp):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+            parser.add_argument(*spellings, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
             continue
         is_list, item_tp = _is_list(tp)
         if is_list:
-            parser.add_argument(flag, dest=f.name, nargs="*", type=_flag_parser(item_tp, flag), default=None,
+            parser.add_argument(*spellings, dest=f.name, nargs="*", type=_flag_parser(item_tp, flag), default=None,
                                 help=help_text)
             continue
         choices = get_args(tp) if get_origin(tp) is Literal else None
         parser.add_argument(
-            flag,
+            *spellings,
             dest=f.name,
             type=_flag_parser(tp, flag),
             default=None,

@@ -5,8 +5,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "persam_dreambooth"
 RANKS = {
-    "utils": 0, "config": 1, "data": 1, "segmentation": 2, "masks": 3, "training": 4,
-    "generation": 5, "evaluation": 6, "cli": 7, "testing": 9,
+    "utils": 0, "config": 1, "data": 1, "segmentation": 2, "albums": 2.5, "masks": 3, "training": 4,
+    "generation": 5, "evaluation": 6, "ui": 7, "cli": 8, "testing": 9,
 }
 
 

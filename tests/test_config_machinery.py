@@ -140,3 +140,18 @@ def test_dashed_flags_fill_the_same_fields_and_name_the_flag_in_errors(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--guidance-scale", "nan"])
     assert "--guidance-scale" in capsys.readouterr().err
+
+
+@dataclasses.dataclass(kw_only=True)
+class Optional_:
+    threshold: float | None = None
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
+def test_optional_float_flags_say_finite_too(text, capsys):
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Optional_)
+    with pytest.raises(SystemExit):
+        parser.parse_args([f"--threshold={text}"])
+    assert "`--threshold` must be a finite number" in capsys.readouterr().err
+    assert parse_config(Optional_, parser.parse_args(["--threshold", "null"])).threshold is None

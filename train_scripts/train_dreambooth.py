@@ -28,21 +28,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    from persam_dreambooth.utils.log import warnings_as_log_lines
+
+    warnings_as_log_lines()  # a library warning is one log line, as under `persam-dreambooth train`
     try:
         config = config_from_args(args)
     except (ConfigError, FileNotFoundError) as exc:
         parser.error(str(exc))
     from persam_dreambooth.training import TrainingDivergedError, train
+    from persam_dreambooth.utils.locks import FolderLockedError
 
     try:
         output_dir = train(config)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, FolderLockedError) as exc:
         print(f"train_dreambooth.py: error: {exc}", file=sys.stderr)  # noqa: T201 - script boundary
         return 2
     except TrainingDivergedError as exc:  # the checkpoints saved before the bad step are kept
         print(f"train_dreambooth.py: error: {exc}", file=sys.stderr)  # noqa: T201 - script boundary
         return 1
-    logging.getLogger("train_dreambooth").info("Done: %s", output_dir)
+    logging.getLogger("train_dreambooth").info("Masks: %s" if config.masks_only else "Done: %s", output_dir)
     return 0
 
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from persam_dreambooth.albums.embedding_cache import EmbeddingCache, pixels_sha256
 from persam_dreambooth.data.images import ImageLike, load_image
-from persam_dreambooth.segmentation.embedding_cache import EmbeddingCache, pixels_sha256
 from persam_dreambooth.segmentation.predictor import GuidedSamPredictor, ImageEmbedding
 
 __all__ = ["ENCODER_DTYPES", "BatchEncoder", "LoadedImage", "check_encoder_dtype"]

@@ -36,7 +36,7 @@ from torch import nn
 
 from persam_dreambooth.segmentation.predictor import ImageEmbedding
 from persam_dreambooth.segmentation.sam import SAM_BUILDERS, cache_dir
-from persam_dreambooth.utils.io import atomic_path, atomic_write_json, file_sha256
+from persam_dreambooth.utils.io import atomic_path, atomic_write_json, dumps_json, file_sha256
 
 __all__ = [
     "CACHE_FORMAT",
@@ -142,7 +142,7 @@ class EncoderIdentity:
     @property
     def digest(self) -> str:
         """SHA-256 of the identity (format version included)."""
-        text = json.dumps({"format": CACHE_FORMAT, **asdict(self)}, sort_keys=True)
+        text = dumps_json({"format": CACHE_FORMAT, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -228,8 +228,8 @@ class EmbeddingCache:
             "format": CACHE_FORMAT,
             "encoder": self._identity_digest,
             "pixels": pixels_digest,
-            "original_size": json.dumps([int(v) for v in embedding.original_size]),
-            "input_size": json.dumps([int(v) for v in embedding.input_size]),
+            "original_size": dumps_json([int(v) for v in embedding.original_size]),
+            "input_size": dumps_json([int(v) for v in embedding.input_size]),
             "features_sha256": _tensor_sha256(features),
         }
         path = self.path(pixels_digest)

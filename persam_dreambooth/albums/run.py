@@ -11,7 +11,7 @@ output folder, or ``overwrite=True`` to redo every photo. Batch size, device, ca
 settings: they do not change the result beyond float rounding, so a run may resume with other values.
 
 **Resume**: a photo is skipped when its row (in ``results.jsonl`` or a rank log) describes complete outputs
-(:func:`~.album.output_complete`); every other photo is redone. The final ``results.jsonl`` lists every photo once,
+(:func:`~.outputs.output_complete`); every other photo is redone. The final ``results.jsonl`` lists every photo once,
 in input order, and is written atomically.
 
 **Processes**: ``state`` is an ``accelerate.PartialState`` (``None``: this process alone). Every process plans the
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from persam_dreambooth.data.images import open_image
-from persam_dreambooth.segmentation.album import AlbumOptions, output_complete, segment_images
-from persam_dreambooth.segmentation.encoding import BatchEncoder
-from persam_dreambooth.segmentation.sharding import (
+from persam_dreambooth.albums.batch_encoder import BatchEncoder
+from persam_dreambooth.albums.outputs import output_complete
+from persam_dreambooth.albums.segment_photos import AlbumOptions, segment_images
+from persam_dreambooth.albums.sharding import (
     RESULTS_FILE,
     gather_results,
     latest_rows,
@@ -43,7 +43,8 @@ from persam_dreambooth.segmentation.sharding import (
     shard,
     write_results,
 )
-from persam_dreambooth.utils.io import atomic_write_json, ensure_output_dir
+from persam_dreambooth.data.images import open_image
+from persam_dreambooth.utils.io import atomic_write_json, dumps_json, ensure_output_dir
 
 __all__ = ["RUN_FILE", "AlbumJob", "AlbumPlan", "RunSettingsMismatch", "check_run_settings", "finish_complete_album",
            "prepare_album", "run_album"]
@@ -66,7 +67,7 @@ class AlbumJob:
         images: the photos, in order. stems: their output names (distinct). output: the output folder.
         settings: JSON-able dict of everything that decides the result (compared with ``run.json``).
         info: JSON-able dict recorded in ``run.json`` but not compared (batch size, device, learned weights...).
-        max_instances: as in :class:`~.album.AlbumOptions` (decides what "complete" means).
+        max_instances: as in :class:`~.segment_photos.AlbumOptions` (decides what "complete" means).
         overwrite: ignore earlier results in ``output`` and redo every photo.
         output_arg, overwrite_arg, images_arg: names used in error messages (the CLI passes its flags).
     """
@@ -107,12 +108,33 @@ class _OneProcess:
 
 
 def _normalised(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))  # tuples -> lists, keys -> str: the form run.json holds
+    return json.loads(dumps_json(obj))  # tuples -> lists, keys -> str: the form run.json holds
+
+
+_SHOWN_CHARS = 72  # a value longer than this (as JSON) is shortened in the refusal message
 
 
 def _show(value: Any) -> str:
+    """``value`` as JSON, shortened in the middle when long (hashes, paths), so a message stays one readable line."""
     text = json.dumps(value)
-    return text if len(text) <= 60 else "(differs)"
+    if len(text) <= _SHOWN_CHARS:
+        return text
+    if isinstance(value, list | dict):
+        return f"{type(value).__name__} of {len(value)} item(s)"
+    return f"{text[:_SHOWN_CHARS // 2 - 1]}...{text[-(_SHOWN_CHARS // 2 - 2):]}"
+
+
+def _differences(old: Any, new: Any, where: str) -> Iterator[tuple[str, Any, Any]]:
+    """``(key path, old value, new value)`` of every leaf that differs (``references[0].mask_sha256``), missing keys
+    as ``None``; lists of different lengths count as one difference."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from _differences(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for index, (a, b) in enumerate(zip(old, new, strict=True)):
+            yield from _differences(a, b, f"{where}[{index}]")
+    elif old != new:
+        yield where, old, new
 
 
 def check_run_settings(job: AlbumJob) -> None:
@@ -140,10 +162,9 @@ def check_run_settings(job: AlbumJob) -> None:
             raise TypeError("settings is not an object")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RunSettingsMismatch(f"`{job.output_arg}`: {str(run_file)!r} is unreadable ({exc}). {advice}") from exc
-    new = _normalised(job.settings)
-    diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diffs = list(_differences(old, _normalised(job.settings), ""))
     if diffs:
-        shown = "; ".join(f"{k}: {_show(old.get(k))} before, {_show(new.get(k))} now" for k in diffs)
+        shown = "; ".join(f"{key}: {_show(before)} before, {_show(now)} now" for key, before, now in diffs)
         raise RunSettingsMismatch(
             f"`{job.output_arg}` {str(job.output)!r} holds results made with other settings ({shown}). {advice}"
         )
@@ -219,7 +240,7 @@ def run_album(
     Args:
         segmenter: PerSAM / PerSAM-F with the reference set.
         job, plan: from :func:`prepare_album` (same ``job``).
-        encoder: the :class:`~.encoding.BatchEncoder` (dtype, cache) of ``segmenter.predictor``.
+        encoder: the :class:`~.batch_encoder.BatchEncoder` (dtype, cache) of ``segmenter.predictor``.
         options: batch size, instances; ``options.max_instances`` must equal ``job.max_instances``.
         state: ``accelerate.PartialState`` or None (single process).
         before_segmenting: called by the main process with the output folder once it exists (e.g. to save the

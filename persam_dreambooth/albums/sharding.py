@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from persam_dreambooth.utils.io import atomic_write_text
+from persam_dreambooth.utils.io import atomic_write_text, dumps_json
 
 __all__ = [
     "RESULTS_FILE",
@@ -101,7 +101,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def append_jsonl(path: str | os.PathLike[str], row: Mapping[str, Any]) -> None:
     """Append one JSON line to ``path`` and flush it to disk (one ``write`` call per row)."""
-    line = json.dumps(row) + "\n"
+    line = dumps_json(dict(row)) + "\n"
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(line)
         handle.flush()
@@ -121,7 +121,7 @@ def latest_rows(output_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]
 def write_results(output_dir: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
     """Write ``rows`` (in the given order) as ``output_dir/results.jsonl``, atomically."""
     path = Path(output_dir) / RESULTS_FILE
-    atomic_write_text(path, "".join(json.dumps(dict(r)) + "\n" for r in rows))
+    atomic_write_text(path, "".join(dumps_json(dict(r)) + "\n" for r in rows))
     return path
 
 

@@ -13,10 +13,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from persam_dreambooth.utils.log import warnings_as_log_lines
+
 __all__ = ["main", "build_parser"]
 
 # module name -> sub-command(s) it registers; order = order in --help
-COMMAND_MODULES = ("segment", "eval_perseg", "train", "generate", "compare")
+COMMAND_MODULES = (
+    "segment", "eval_perseg", "train", "generate", "compare", "ui", "segment_video", "eval_davis", "frames",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    _warnings_as_log_lines()
+    warnings_as_log_lines()
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, TypeError, RuntimeError) as exc:
@@ -52,19 +56,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"persam-dreambooth {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201 - CLI boundary
         return 2
-
-
-def _warnings_as_log_lines() -> None:
-    """Show each Python warning as one clean log line (``WARNING persam_dreambooth: <message>``), without the
-    ``file.py:388: SmallReferenceWarning:`` prefix and source line that ``warnings`` prints by default."""
-    import warnings
-
-    log = logging.getLogger("persam_dreambooth")
-
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' signature
-        log.warning("%s", message)
-
-    warnings.showwarning = show
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,5 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     output_dir = train(config)
-    print(f"Trained: {output_dir}")  # noqa: T201 - CLI boundary
+    if config.masks_only:
+        print(f"Masks: {output_dir / 'masks'} (table: {output_dir / 'masks_table.csv'})")  # noqa: T201 - CLI boundary
+    else:
+        print(f"Trained: {output_dir}")  # noqa: T201 - CLI boundary
     return 0

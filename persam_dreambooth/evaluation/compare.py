@@ -2,85 +2,55 @@
 
 ``compare(config)`` does, in order:
 
-1. **Checks everything before generating anything**: run folders hold weights, all runs share the base model, the
+1. **Checks that the output folder can be written** and ``device`` exists, then **locks the folder** for the whole run
+   (a second comparison into it refuses, naming this run's PID).
+2. **Checks everything before generating anything**: run folders hold weights, all runs share the base model, the
    prompt set is valid, the instance images (and their masks) load, the metric models (DINO, CLIP) and SAM load, and
    the PerSAM reference is usable.
-2. **Generates** every prompt with identical seeds for the base model and every run (``generations/<name>/``;
+3. **Generates** every prompt with identical seeds for the base model and every run (``generations/<name>/``;
    resumable per image).
-3. **Scores** every image (``scores/<name>.json``; cached, so reruns only score new images).
-4. **Writes** ``metrics.json``, ``metrics.md``, side-by-side grids, a bar chart and ``report.html``.
+4. **Scores** every image (``scores/<name>.json``; cached, so reruns only score new images).
+5. **Writes** ``metrics.json``, ``metrics.md``, side-by-side grids, a bar chart and ``report.html``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from persam_dreambooth.config import field_help, from_dict, to_dict
+from persam_dreambooth.config import from_dict, to_dict
 from persam_dreambooth.data.images import list_images, load_image, load_mask
-from persam_dreambooth.evaluation.embedders import DEFAULT_CLIP, DEFAULT_DINO, ClipEmbedder, DinoEmbedder
+from persam_dreambooth.evaluation import paired_stats
+from persam_dreambooth.evaluation.compare_config import (
+    BASE_RUN,
+    DEFAULT_SAM_MODEL,
+    CompareConfig,
+    CompareSettings,
+    compare_flag,
+    no_flag,
+    parse_runs,
+)
+from persam_dreambooth.evaluation.embedders import ClipEmbedder, DinoEmbedder, MetricModelError
 from persam_dreambooth.evaluation.prompts import PromptSpec, build_prompts, infer_identifier
-from persam_dreambooth.evaluation.scoring import RealImages, Scorer, aggregate, score_run
-from persam_dreambooth.generation import GenerationConfig, find_run_weights, generate, read_run_config
-from persam_dreambooth.generation.pipeline import check_image_size, model_geometry, resolve_device
+from persam_dreambooth.evaluation.scoring import LOWER_IS_BETTER, METRICS, RealImages, Scorer, aggregate, score_run
+from persam_dreambooth.generation import GenerationConfig, SamplingConfig, find_run_weights, generate, read_run_config
+from persam_dreambooth.generation.pipeline import check_image_size, model_geometry
 from persam_dreambooth.masks.store import MaskSet
-from persam_dreambooth.utils.io import ensure_output_dir
+from persam_dreambooth.utils.devices import resolve_device
+from persam_dreambooth.utils.io import check_output_dir
+from persam_dreambooth.utils.locks import lock_output_dir
 
-__all__ = ["CompareConfig", "CompareResult", "compare", "parse_runs", "BASE_RUN"]
+__all__ = ["CompareResult", "compare", "compare_locked", "load_metric_models", "compare_device", "locked_output_dir"]
 
 logger = logging.getLogger(__name__)
-
-BASE_RUN = "base"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-@dataclass(kw_only=True)
-class CompareConfig:
-    """Settings of :func:`compare`; field names match the CLI flags (``--class-noun`` = ``class_noun``)."""
-
-    runs: dict[str, str] = field_help(help="run name -> training output folder (LoRA weights or pipeline)")
-    instance_data_dir: str = field_help(help="the subject's real photos (what DINO / CLIP-I compare against)")
-    class_noun: str = field_help(help="class noun in the prompts, e.g. dog")
-    output_dir: str = field_help(help="report folder")
-    pretrained_model_name_or_path: str | None = field_help(None, help="base model (default: the runs' own)")
-    prompt_set: str = field_help("live", help="live | object | a template file")
-    identifier: str | None = field_help(None, help="rare-token identifier (default: from the runs' instance_prompt)")
-    num_images_per_prompt: int = field_help(4, help="images per prompt and run; image i uses seed + i")
-    seed: int = field_help(0, help="seed of image 0 of every prompt (identical for every run)")
-    num_inference_steps: int = field_help(30, help="denoising steps")
-    guidance_scale: float = field_help(7.5, help="classifier-free guidance scale")
-    height: int | None = field_help(None, help="image height (default: the model's)")
-    width: int | None = field_help(None, help="image width (default: the model's)")
-    lora_scale: float = field_help(1.0, help="LoRA strength for LoRA runs")
-    batch_size: int = field_help(4, help="images per pipeline call")
-    device: str | None = field_help(None, help="cuda, cpu, ... (default: best available)")
-    dtype: Literal["float32", "float16", "bfloat16"] = field_help("float32", help="generation dtype")
-    dino_model: str = field_help(DEFAULT_DINO, help="DINO model id or folder")
-    clip_model: str = field_help(DEFAULT_CLIP, help="CLIP model id or folder")
-    background_metrics: bool = field_help(True, help="compute masked DINO and background leakage (needs SAM)")
-    sam_model_type: str = field_help("vit_h", help="SAM architecture for PerSAM")
-    sam_checkpoint: str | None = field_help(None, help="SAM checkpoint (default: the package's cached download)")
-    reference_image: str | None = field_help(None, help="PerSAM reference image (default: first instance image)")
-    reference_mask: str | None = field_help(None, help="mask of reference_image (default: its training mask)")
-    instance_mask_dir: str | None = field_help(None, help="masks of the instance images (default: a run's masks/)")
-
-    def __post_init__(self) -> None:
-        parse_runs(self.runs)
-        for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if self.seed < 0:
-            raise ValueError(f"`seed` must be >= 0, got {self.seed}.")
-        if (self.reference_image is None) != (self.reference_mask is None):
-            raise ValueError("`--reference-image` and `--reference-mask` go together: give both or neither.")
-
 
 @dataclass
 class CompareResult:
@@ -89,33 +59,6 @@ class CompareResult:
     output_dir: Path
     metrics: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
-
-
-def parse_runs(runs: Mapping[str, str] | list[str]) -> dict[str, str]:
-    """``["masked=out/a", "vanilla=out/b"]`` (or a mapping) -> ``{"masked": "out/a", ...}``, names checked."""
-    if isinstance(runs, Mapping):
-        pairs = list(runs.items())
-    else:
-        pairs = []
-        for item in runs:
-            if "=" not in item:
-                raise ValueError(f"`--runs` entries must be NAME=FOLDER (e.g. masked=out/masked), got {item!r}.")
-            name, _, path = item.partition("=")
-            pairs.append((name.strip(), path.strip()))
-    if not pairs:
-        raise ValueError("`--runs` must name at least one run: NAME=FOLDER ...")
-    out: dict[str, str] = {}
-    for name, path in pairs:
-        if not _NAME_RE.match(name):
-            raise ValueError(f"`--runs` name {name!r} must be letters, digits, '_', '-' or '.' (e.g. masked).")
-        if name == BASE_RUN:
-            raise ValueError(f"`--runs` name {BASE_RUN!r} is reserved for the base model; choose another name.")
-        if name in out:
-            raise ValueError(f"`--runs` name {name!r} appears twice; run names must be unique.")
-        if not path:
-            raise ValueError(f"`--runs` entry {name!r} has no folder: write {name}=FOLDER.")
-        out[name] = path
-    return out
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -144,7 +87,7 @@ def _check_runs(cfg: CompareConfig) -> tuple[str, dict[str, dict[str, Any]]]:
     runs: dict[str, dict[str, Any]] = {}
     bases: dict[str, str] = {}
     for name, folder in parse_runs(cfg.runs).items():
-        weights = find_run_weights(folder, f"--runs {name}")
+        weights = find_run_weights(folder, f"{compare_flag('runs')} {name}")
         run_cfg = read_run_config(folder) or {}
         runs[name] = {"path": weights.path, "kind": weights.kind, "config": run_cfg}
         if run_cfg.get("pretrained_model_name_or_path"):
@@ -153,10 +96,12 @@ def _check_runs(cfg: CompareConfig) -> tuple[str, dict[str, dict[str, Any]]]:
             logger.warning("Run %r has no config.resolved.yaml: its base model cannot be checked.", name)
     base = cfg.pretrained_model_name_or_path or next(iter(bases.values()), None)
     if base is None:
-        raise ValueError("`--pretrained_model_name_or_path` is required: no run has a config.resolved.yaml naming it.")
+        raise ValueError(f"`{compare_flag('pretrained_model_name_or_path')}` is required: no run has a "
+                         "config.resolved.yaml naming it.")
     for name, run_base in bases.items():
         if not _same_model(run_base, base):
-            source = "`--pretrained_model_name_or_path`" if cfg.pretrained_model_name_or_path else "the first run"
+            source = (f"`{compare_flag('pretrained_model_name_or_path')}`" if cfg.pretrained_model_name_or_path
+                      else "the first run")
             raise ValueError(
                 f"All runs must share one base model: run {name!r} was trained from {run_base!r}, but {source} "
                 f"is {base!r}. Compare runs of the same base model."
@@ -167,8 +112,8 @@ def _check_runs(cfg: CompareConfig) -> tuple[str, dict[str, dict[str, Any]]]:
 def _instance_masks(cfg: CompareConfig, runs: dict[str, dict[str, Any]], paths: list[Path]) -> tuple[
         list[np.ndarray] | None, str | None]:
     """The instance images' masks: ``--instance-mask-dir``, else the first run whose ``masks/`` covers them all."""
-    candidates = [(cfg.instance_mask_dir, "--instance-mask-dir")] if cfg.instance_mask_dir else [
-        (str(info["path"] / "masks"), f"--runs {name} masks/") for name, info in runs.items()
+    candidates = [(cfg.instance_mask_dir, compare_flag("instance_mask_dir"))] if cfg.instance_mask_dir else [
+        (str(info["path"] / "masks"), f"{compare_flag('runs')} {name} masks/") for name, info in runs.items()
         if (info["path"] / "masks").is_dir()
     ]
     for folder, label in candidates:
@@ -184,7 +129,20 @@ def _instance_masks(cfg: CompareConfig, runs: dict[str, dict[str, Any]], paths: 
     return None, None
 
 
-def _prepare(cfg: CompareConfig) -> _Plan:
+def compare_device(cfg: CompareSettings) -> str:
+    """``--device``, checked (a device this machine has), or the best available: ``cuda``, ``mps``, ``cpu``."""
+    return str(resolve_device(cfg.device, compare_flag("device"), prefer_mps=True))
+
+
+def locked_output_dir(cfg: CompareSettings) -> contextlib.AbstractContextManager[Path]:
+    """The lock of ``--output-dir`` for a whole comparison: a second run into it refuses with this run's PID. A
+    comparison that fails its checks leaves no folder behind (``tidy_on_error``)."""
+    return lock_output_dir(cfg.output_dir, "compare", compare_flag("output_dir"), tidy_on_error=True)
+
+
+def _prepare(cfg: CompareConfig, progress: bool = True) -> _Plan:
+    from tqdm.auto import tqdm
+
     base, runs = _check_runs(cfg)
     identifier = cfg.identifier
     if identifier is None:
@@ -194,18 +152,18 @@ def _prepare(cfg: CompareConfig) -> _Plan:
                 break
     if not identifier:
         raise ValueError(
-            "`--identifier` is required: it could not be read from the runs' instance_prompt (e.g. 'a photo of "
+            f"`{compare_flag('identifier')}` is required: it could not be read from the runs' instance_prompt (e.g. "
+            "'a photo of "
             f"sks {cfg.class_noun}' gives 'sks')."
         )
     prompts = build_prompts(cfg.prompt_set, identifier, cfg.class_noun)
     scale, default = model_geometry(base)
     height, width = cfg.height or default, cfg.width or default
     check_image_size(height, width, scale)
-    paths = list_images(cfg.instance_data_dir, "--instance_data_dir")
+    paths = list_images(cfg.instance_data_dir, compare_flag("instance_data_dir"))
     images = [load_image(p, f"instance image {str(p)!r}") for p in paths]
-    device = resolve_device(cfg.device)
-    dino = DinoEmbedder(cfg.dino_model, device=device)
-    clip = ClipEmbedder(cfg.clip_model, device=device)
+    device = compare_device(cfg)
+    dino, clip = load_metric_models(cfg, device)
     masks: list[np.ndarray] | None = None
     mask_source: str | None = None
     segmenter, reference = None, None
@@ -218,25 +176,47 @@ def _prepare(cfg: CompareConfig) -> _Plan:
         else:
             raise ValueError(
                 "The background metrics need the subject's masks, but no run folder has masks/ for every instance "
-                "image. Pass `--instance-mask-dir`, or `--reference-image` and `--reference-mask` (PerSAM then "
-                "segments the instance images), or `--no-background-metrics`."
+                f"image. Pass `{compare_flag('instance_mask_dir')}`, or `{compare_flag('reference_image')}` and "
+                f"`{compare_flag('reference_mask')}` (PerSAM then segments the instance images), or "
+                f"`{no_flag('background_metrics')}`."
             )
         segmenter = _persam_segmenter(cfg, ref_image, ref_mask, device)
         reference = {"image": ref_image, "mask": ref_mask}
         if masks is None:
-            masks = [segmenter(im) for im in images]
+            masks = [segmenter(im) for im in tqdm(images, desc="PerSAM: segment the instance images", unit="img",
+                                                  disable=not progress)]
             mask_source = "PerSAM (from the reference)"
     # Built now: it embeds the real images, so bad instance masks fail before generation too.
+    logger.info("Embedding the %d instance image(s) with DINO and CLIP ...", len(images))
     scorer = Scorer(dino, clip, RealImages(paths=paths, images=images, masks=masks), segmenter)
     return _Plan(base, runs, prompts, identifier, height, width, scorer, reference, mask_source)
+
+
+def load_metric_models(settings: CompareSettings, device: str = "cpu") -> tuple[DinoEmbedder, ClipEmbedder]:
+    """The DINO and CLIP embedders of ``settings``; a model that cannot be loaded is an error naming its flag."""
+    models = []
+    for name, embedder in (("dino_model", DinoEmbedder), ("clip_model", ClipEmbedder)):
+        model_id, flag = getattr(settings, name), compare_flag(name)
+        logger.info("Loading the %s model %s ...", "DINO" if embedder is DinoEmbedder else "CLIP", model_id)
+        try:
+            models.append(embedder(model_id, device=device))
+        except MetricModelError as exc:
+            raise exc.naming(flag) from exc
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"`{flag}` folder {model_id!r} does not exist.") from exc
+    return models[0], models[1]
 
 
 def _persam_segmenter(cfg: CompareConfig, image: str, mask: str, device: str) -> Any:
     from persam_dreambooth.segmentation.persam import PerSAM
     from persam_dreambooth.segmentation.sam import load_sam
 
-    persam = PerSAM(load_sam(cfg.sam_model_type, checkpoint=cfg.sam_checkpoint, device=device))
-    persam.set_reference(load_image(image, "--reference-image"), load_mask(mask, "--reference-mask"))
+    model_type = cfg.sam_model_type or DEFAULT_SAM_MODEL
+    logger.info("Loading SAM %s for PerSAM ...", model_type)
+    persam = PerSAM(load_sam(model_type, checkpoint=cfg.sam_checkpoint, device=device))
+    logger.info("Encoding the PerSAM reference %s (slow for vit_h on a CPU) ...", image)
+    persam.set_reference(load_image(image, compare_flag("reference_image")),
+                         load_mask(mask, compare_flag("reference_mask")))
     return lambda im: persam.segment(im).mask
 
 
@@ -244,12 +224,10 @@ def _generate_all(cfg: CompareConfig, plan: _Plan, out: Path, progress: bool) ->
     import torch
 
     records = {}
-    common = {
-        "prompts": [p.prompt for p in plan.prompts], "num_images": cfg.num_images_per_prompt, "seed": cfg.seed,
-        "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
-        "height": plan.height, "width": plan.width, "batch_size": cfg.batch_size, "device": cfg.device,
-        "dtype": cfg.dtype,
-    }
+    # The sampling settings are shared with `generate` (SamplingConfig); the size is the resolved one.
+    sampling = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SamplingConfig) if f.name != "lora_scale"}
+    common = {**sampling, "prompts": [p.prompt for p in plan.prompts], "num_images": cfg.num_images_per_prompt,
+              "height": plan.height, "width": plan.width}
     for name in [BASE_RUN, *plan.runs]:
         gen_dir = str(out / "generations" / name)
         if name == BASE_RUN:
@@ -268,22 +246,37 @@ def _generate_all(cfg: CompareConfig, plan: _Plan, out: Path, progress: bool) ->
 
 
 def compare(config: CompareConfig | None = None, /, *, progress: bool = True, **kwargs: Any) -> CompareResult:
-    """Generate, score and report; see the module docstring. Pass a :class:`CompareConfig` or its fields."""
+    """Generate, score and report; see the module docstring. Pass a :class:`CompareConfig` or its fields.
+
+    Raises:
+        PermissionError: ``output_dir`` cannot be created or written (checked before anything else).
+        FolderLockedError: another comparison is writing into ``output_dir`` (the message names its PID).
+    """
+    cfg = config if config is not None else from_dict(CompareConfig, kwargs)
+    check_output_dir(cfg.output_dir, compare_flag("output_dir"))  # before any work: can it be written at all?
+    compare_device(cfg)
+    with locked_output_dir(cfg):
+        return compare_locked(cfg, progress=progress)
+
+
+def compare_locked(cfg: CompareConfig, *, progress: bool = True) -> CompareResult:
+    """:func:`compare` for a caller that already holds the output folder's lock (:func:`locked_output_dir`)."""
     from persam_dreambooth import __version__
     from persam_dreambooth.evaluation.report import write_reports
 
-    cfg = config if config is not None else from_dict(CompareConfig, kwargs)
-    plan = _prepare(cfg)
-    out = ensure_output_dir(cfg.output_dir, "--output-dir")
+    plan = _prepare(cfg, progress)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     records = _generate_all(cfg, plan, out, progress)
     # Everything the scores depend on besides the generated images: a change rescores every image.
     settings = {
         "dino_model": cfg.dino_model, "clip_model": cfg.clip_model,
-        "sam": {"model_type": cfg.sam_model_type, "checkpoint": cfg.sam_checkpoint} if plan.reference else None,
+        "sam": ({"model_type": cfg.sam_model_type or DEFAULT_SAM_MODEL, "checkpoint": cfg.sam_checkpoint}
+                if plan.reference else None),
         "reference": plan.reference, "reference_fingerprint": _reference_fingerprint(plan.reference),
         "instance_images": [str(p.resolve()) for p in plan.scorer.real.paths],
         "instance_masks": plan.mask_source, "instance_fingerprint": plan.scorer.real.fingerprint(),
-        "metric_version": 1,
+        "metric_version": 2,
     }
     scorer = plan.scorer
     runs_out: dict[str, Any] = {}
@@ -311,10 +304,27 @@ def compare(config: CompareConfig | None = None, /, *, progress: bool = True, **
         "instance_masks": plan.mask_source,
         "real_images": scorer.real_vs_real(),
         "runs": runs_out,
+        "statistics": paired_stats.scheme(cfg.bootstrap_resamples, cfg.bootstrap_seed),
+        "comparisons": _comparisons(runs_out, plan.prompts, cfg),
     }
     files = write_reports(out, metrics, plan.prompts, {n: info["config"] for n, info in plan.runs.items()},
                           {n: info["path"] for n, info in plan.runs.items()})
     return CompareResult(out, metrics, files)
+
+
+def _comparisons(runs: Mapping[str, Mapping[str, Any]], prompts: list[PromptSpec], cfg: CompareConfig) -> list[
+        dict[str, Any]]:
+    """Paired differences with confidence intervals and verdicts: each run against the base model, then each pair
+    of trained runs (see :mod:`~persam_dreambooth.evaluation.paired_stats`), overall and per prompt group."""
+    groups: dict[str, set[int]] = {}
+    for spec in prompts:
+        groups.setdefault(spec.group, set()).add(spec.index)
+    out = []
+    for a, b in paired_stats.run_pairs(list(runs), BASE_RUN):
+        result = paired_stats.compare_pair(runs[a]["images"], runs[b]["images"], METRICS, LOWER_IS_BETTER, groups,
+                                           resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
+        out.append({"run": a, "against": b, **result})
+    return out
 
 
 def _reference_fingerprint(reference: Mapping[str, str] | None) -> dict[str, str] | None:
@@ -341,5 +351,13 @@ def _definitions() -> dict[str, str]:
         "background_leakage": "DINO between background-only images (subject mask dilated by 2% of the longer side, "
                               "filled with the ImageNet mean colour) of generated and real images; lower is better; "
                               "compare with the base model, which never saw the training photos",
+        "background_clip_t": "CLIP cosine between the background-only image (the subject filled as for background "
+                             "leakage) and the context the prompt asks for, with the subject phrase removed ('a sks "
+                             "dog on the beach' -> 'the beach'); only prompts that name a place (not the "
+                             "accessorization and property groups); higher means the new context was drawn; our own "
+                             "measure, inspired by the mask-aware scores of MaSC (arXiv 2605.22469)",
         "real_images": "the same measures among the real instance images (pairs of different images)",
+        "differences": "each run minus the other, over paired images (same prompt and seed), with a 95% confidence "
+                       "interval from a bootstrap that resamples prompts and, within them, seeds; 'better' or "
+                       "'worse' only when the interval excludes 0",
     }

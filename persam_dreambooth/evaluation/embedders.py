@@ -10,8 +10,8 @@ Each model is used the way DreamBooth's metrics need it:
 * CLIP: ``CLIPModel.get_image_features`` / ``get_text_features`` (the projected embeddings) with the model's
   ``CLIPProcessor``; texts longer than the text encoder's 77 tokens are truncated.
 
-Loading failures (no network, unknown id, missing folder) become :class:`MetricModelError` with an offline hint, so
-``compare`` can fail before generating anything.
+Loading failures (no network, unknown id) become :class:`MetricModelError` with an offline hint, so ``compare`` can
+fail before generating anything; ``compare`` names its flag in the message (:meth:`MetricModelError.naming`).
 """
 
 from __future__ import annotations
@@ -24,32 +24,49 @@ from typing import Any
 import numpy as np
 import torch
 
+from persam_dreambooth.evaluation.compare_config import DEFAULT_CLIP, DEFAULT_DINO
 from persam_dreambooth.generation.pipeline import offline_hint
 
-__all__ = ["DEFAULT_DINO", "DEFAULT_CLIP", "MetricModelError", "DinoEmbedder", "ClipEmbedder"]
+__all__ = ["MetricModelError", "DinoEmbedder", "ClipEmbedder"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DINO = "facebook/dino-vits16"
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+_LOCAL = "a local folder holding the model and its processor files"
 
 
 class MetricModelError(RuntimeError):
-    """A metric model cannot be loaded; the message names the flag, the id and how to get the model offline."""
+    """A metric model cannot be loaded; the message names the model, why, and how to get it offline.
+
+    Attributes:
+        kind: ``"DINO"`` or ``"CLIP"``.
+        model_id: the Hub id or folder that failed.
+        reason: the loader's first line.
+    """
+
+    def __init__(self, kind: str, model_id: str, reason: str, flag: str | None = None) -> None:
+        self.kind, self.model_id, self.reason = kind, model_id, reason
+        if flag is None:
+            hint = (f"Download it first on a machine with internet (`hf download {model_id}`) into the Hugging Face "
+                    f"cache, or pass {_LOCAL} instead of the id.")
+            super().__init__(f"Could not load the {kind} model {model_id!r}: {reason}. {hint}")
+        else:
+            super().__init__(f"Could not load the {kind} model `{flag} {model_id}`: {reason}. "
+                             + offline_hint(model_id, flag, local=_LOCAL))
+
+    def naming(self, flag: str) -> MetricModelError:
+        """The same error, naming the flag the model id came from (``--dino-model``)."""
+        return MetricModelError(self.kind, self.model_id, self.reason, flag)
 
 
-def _load_error(kind: str, flag: str, model_id: str, exc: Exception) -> MetricModelError:
+def _load_error(kind: str, model_id: str, exc: Exception) -> MetricModelError:
     first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-    return MetricModelError(
-        f"Could not load the {kind} model `{flag} {model_id}`: {first}. "
-        + offline_hint(model_id, flag, local="a local folder holding the model and its processor files")
-    )
+    return MetricModelError(kind, model_id, first)
 
 
-def _check_local(flag: str, model_id: str) -> None:
+def _check_local(kind: str, model_id: str) -> None:
     looks_local = model_id.startswith((".", "/", "~")) or Path(model_id).exists()
     if looks_local and not Path(model_id).expanduser().is_dir():
-        raise FileNotFoundError(f"`{flag}` folder {model_id!r} does not exist.")
+        raise FileNotFoundError(f"The {kind} model folder {model_id!r} does not exist.")
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -68,22 +85,23 @@ class DinoEmbedder:
         model_id: Hub id or local folder (model + image processor), default ``facebook/dino-vits16``.
         device: where to run the model.
         batch_size: images per forward pass.
-        flag: the CLI flag the id came from (for error messages).
+
+    Raises:
+        FileNotFoundError: ``model_id`` looks like a folder that does not exist.
+        MetricModelError: the model cannot be loaded.
     """
 
-    def __init__(
-        self, model_id: str = DEFAULT_DINO, device: str = "cpu", batch_size: int = 32, flag: str = "--dino-model"
-    ) -> None:
+    def __init__(self, model_id: str = DEFAULT_DINO, device: str = "cpu", batch_size: int = 32) -> None:
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-        _check_local(flag, model_id)
+        _check_local("DINO", model_id)
         try:
             config = AutoConfig.from_pretrained(model_id)
             extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}
             self.model = AutoModel.from_pretrained(model_id, **extra).eval().to(device)
             self.processor = AutoImageProcessor.from_pretrained(model_id)
         except (OSError, ValueError, KeyError) as exc:
-            raise _load_error("DINO", flag, model_id, exc) from exc
+            raise _load_error("DINO", model_id, exc) from exc
         self.model_id, self.device, self.batch_size = model_id, device, batch_size
 
     def to(self, device: str) -> DinoEmbedder:
@@ -116,20 +134,21 @@ class ClipEmbedder:
             ``openai/clip-vit-base-patch32``.
         device: where to run the model.
         batch_size: images or texts per forward pass.
-        flag: the CLI flag the id came from (for error messages).
+
+    Raises:
+        FileNotFoundError: ``model_id`` looks like a folder that does not exist.
+        MetricModelError: the model cannot be loaded.
     """
 
-    def __init__(
-        self, model_id: str = DEFAULT_CLIP, device: str = "cpu", batch_size: int = 32, flag: str = "--clip-model"
-    ) -> None:
+    def __init__(self, model_id: str = DEFAULT_CLIP, device: str = "cpu", batch_size: int = 32) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        _check_local(flag, model_id)
+        _check_local("CLIP", model_id)
         try:
             self.model = CLIPModel.from_pretrained(model_id).eval().to(device)
             self.processor = CLIPProcessor.from_pretrained(model_id)
         except (OSError, ValueError, KeyError) as exc:
-            raise _load_error("CLIP", flag, model_id, exc) from exc
+            raise _load_error("CLIP", model_id, exc) from exc
         self.model_id, self.device, self.batch_size = model_id, device, batch_size
 
     def to(self, device: str) -> ClipEmbedder:

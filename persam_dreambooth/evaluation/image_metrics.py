@@ -26,7 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from persam_dreambooth.masks.ops import bbox, dilate
+from persam_dreambooth.masks.ops import dilate
+from persam_dreambooth.utils.mask_geometry import bbox
 
 __all__ = [
     "FILL",

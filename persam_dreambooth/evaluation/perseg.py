@@ -1,6 +1,6 @@
 """PerSeg-layout evaluation: one reference per object, segment the rest, pooled mIoU and bIoU.
 
-Layout (``persam_method.md`` §6.1)::
+Layout (``docs/design/persam_method.md`` §6.1)::
 
     DATA/Images/<object>/<stem>.jpg
     DATA/Annotations/<object>/<stem>.png
@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from persam_dreambooth.config import ConfigError, field_help, flag_name
 from persam_dreambooth.data.images import (
     check_same_size,
     find_mask_for,
@@ -39,9 +40,13 @@ from persam_dreambooth.evaluation.segmentation_metrics import (
     PooledIoU,
     mean_over_classes,
 )
-from persam_dreambooth.utils.io import atomic_save_image, atomic_write_json, atomic_write_text, ensure_output_dir
+from persam_dreambooth.utils.io import atomic_save_image, atomic_write_json, atomic_write_text, check_output_dir
+from persam_dreambooth.utils.locks import lock_output_dir
 
-__all__ = ["PerSegObject", "check_perseg_files", "discover_perseg", "evaluate_perseg", "format_markdown"]
+__all__ = [
+    "EvalPersegConfig", "PerSegObject", "check_perseg_files", "discover_perseg", "evaluate_perseg", "format_markdown",
+    "run_eval_perseg",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -157,18 +162,34 @@ def evaluate_perseg(
         make_segmenter: returns an object with ``set_reference(image, mask)`` and ``segment(image) -> Segmentation``
             (``PerSAM`` or ``PerSAMF``); called once, after every file was checked (:func:`check_perseg_files`) and
             before anything is written, the reference is reset per object.
+        output: the output folder; locked for the run (:func:`~persam_dreambooth.utils.locks.lock_output_dir`), so a
+            second run into it is refused with the holder's PID.
         draw_overlay: ``(image (H, W, 3) uint8, segmentation) -> PIL image``; no overlays when ``None``.
         extra: recorded under ``"settings"`` in ``metrics.json`` (e.g. PerSAM-F's weights per object).
     """
     objects = discover_perseg(data, ref)
     check_perseg_files(objects)
-    segmenter = make_segmenter()  # may load the model: before the output folder exists, so a failure writes nothing
-    output = ensure_output_dir(output, "--output")
+    output = check_output_dir(output, "--output")
+    # One run per folder; a failure before anything is written (e.g. loading the model) leaves nothing behind.
+    with lock_output_dir(output, "eval-perseg", "--output", tidy_on_error=True):
+        return _evaluate(objects, data, output, make_segmenter(), method=method, sam_model=sam_model, ref=ref,
+                         dilation_ratio=dilation_ratio, draw_overlay=draw_overlay, extra=extra)
+
+
+def _evaluate(
+    objects: list[PerSegObject], data: str | Path, output: Path, segmenter: Any, *, method: str, sam_model: str,
+    ref: str, dilation_ratio: float, draw_overlay: Callable[[np.ndarray, Any], Image.Image] | None,
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """:func:`evaluate_perseg`'s work, with the files checked, the segmenter made and the output folder locked."""
     per_class: dict[str, PooledIoU] = {}
     per_object_info: dict[str, dict[str, Any]] = {}
     total = sum(len(o.tests) for o in objects)
     with tqdm(total=total, desc=f"eval-perseg {method}", unit="img") as bar:
-        for obj in objects:
+        for number, obj in enumerate(objects, start=1):
+            bar.set_description(f"eval-perseg {method} {obj.name}")
+            logger.info("object %d/%d %r: setting the reference, then %d test image(s)", number, len(objects),
+                        obj.name, len(obj.tests))
             ref_image = load_image(obj.reference_image, "reference image")
             ref_mask = load_mask(obj.reference_mask, "reference annotation")
             check_same_size(ref_image.shape, ref_mask.shape, str(obj.reference_image), str(obj.reference_mask))
@@ -222,3 +243,62 @@ def evaluate_perseg(
     logger.info("PerSeg %s: mIoU %.2f, bIoU %.2f over %d objects", method, overall["mIoU"], overall["bIoU"],
                 len(per_class))
     return metrics
+
+
+@dataclass
+class EvalPersegConfig:
+    """Settings of ``eval-perseg`` (each field is a ``--field-name`` flag; a ``--config`` file may hold them)."""
+
+    data: str = field_help("", help="PerSeg-layout root (holds Images/, Annotations/)")
+    method: str = field_help("persam", help="persam or persam-f")
+    ref: str = field_help("00", help="file stem of the reference image")
+    output: str = field_help("", help="output folder (created if missing)")
+    sam_model: str = field_help("vit_h", help="SAM model type")
+    sam_checkpoint: str | None = field_help(
+        None, help="SAM weights file; default: the official checkpoint, downloaded once and verified")
+    device: str | None = field_help(None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    dilation_ratio: float = field_help(
+        DEFAULT_DILATION_RATIO, help="Boundary IoU band width as a fraction of the image diagonal")
+
+
+def run_eval_perseg(config: EvalPersegConfig) -> dict[str, Any]:
+    """Check the settings, then :func:`evaluate_perseg` with PerSAM / PerSAM-F and the PerSAM overlays.
+
+    Errors name the flag of the offending field. Returns the metrics (as written to ``metrics.json``).
+    """
+    from persam_dreambooth.segmentation.methods import canonical_method, cli_method_name, make_segmenter
+    from persam_dreambooth.segmentation.sam import SAM_BUILDERS, load_sam
+    from persam_dreambooth.utils.devices import resolve_device
+    from persam_dreambooth.utils.overlay import draw_overlay
+
+    def flag(name: str) -> str:
+        return flag_name(EvalPersegConfig, name, dashes=True)
+
+    # Validate everything before loading SAM or writing anything.
+    for name in ("data", "output"):
+        if not getattr(config, name):
+            raise ConfigError(f"`{flag(name)}` is required.")
+    method = canonical_method(config.method, flag("method"), cli=True)
+    if config.sam_model not in SAM_BUILDERS:
+        raise ValueError(f"`{flag('sam_model')}` must be one of {sorted(SAM_BUILDERS)}, got {config.sam_model!r}.")
+    if config.sam_checkpoint is not None and not Path(config.sam_checkpoint).is_file():
+        raise FileNotFoundError(f"`{flag('sam_checkpoint')}` file {str(config.sam_checkpoint)!r} does not exist.")
+    if not config.dilation_ratio > 0:
+        raise ConfigError(f"`{flag('dilation_ratio')}` must be > 0, got {config.dilation_ratio}.")
+    device = resolve_device(config.device, flag("device"))
+    out = check_output_dir(config.output, flag("output"))
+
+    def make() -> Any:  # called by evaluate_perseg once every data file is checked, before anything is written
+        sam = load_sam(config.sam_model, checkpoint=config.sam_checkpoint, device=device,
+                       arg_name=flag("sam_checkpoint"))
+        return make_segmenter(method, sam)
+
+    def overlay(image: Any, seg: Any) -> Any:
+        return draw_overlay(image, seg.mask, seg.points_xy, seg.point_labels, seg.similarity,
+                            getattr(seg, "box_xyxy", None))
+
+    return evaluate_perseg(
+        config.data, out, make, method=cli_method_name(method), sam_model=config.sam_model, ref=config.ref,
+        dilation_ratio=config.dilation_ratio, draw_overlay=overlay,
+        extra={"sam_checkpoint": config.sam_checkpoint, "device": str(device)},
+    )

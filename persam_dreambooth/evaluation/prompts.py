@@ -23,8 +23,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from persam_dreambooth.evaluation.compare_config import compare_flag
+
 __all__ = ["LIVE_TEMPLATES", "OBJECT_TEMPLATES", "PROMPT_SETS", "PromptSpec", "load_templates", "build_prompts",
-           "infer_identifier"]
+           "infer_identifier", "background_text"]
 
 _RECON, _ACCESS, _PROP = "recontextualization", "accessorization", "property"
 
@@ -93,6 +95,8 @@ class PromptSpec:
         prompt: what the models are prompted with: ``{}`` -> "<identifier> <class noun>".
         clip_text: what CLIP-T compares the image with: ``{}`` -> "<class noun>" (the identifier is a rare token that
             means nothing to CLIP, so it is left out; the text describes what the image should show).
+        background_text: what background CLIP-T compares the background-only image with: the context the prompt
+            asks for, without the subject (:func:`background_text`); ``None`` when the prompt names no context.
     """
 
     index: int
@@ -100,6 +104,7 @@ class PromptSpec:
     group: str
     prompt: str
     clip_text: str
+    background_text: str | None = None
 
 
 _GROUP_RE = re.compile(r"^([A-Za-z0-9_\-]+)\s*\|\s*(.+)$")
@@ -125,7 +130,7 @@ def load_templates(prompt_set: str | os.PathLike[str]) -> list[tuple[str, str]]:
     path = Path(name)
     if not path.is_file():
         raise ValueError(
-            f"`--prompt-set` must be 'live', 'object' or an existing template file, got {name!r}"
+            f"`{compare_flag('prompt_set')}` must be 'live', 'object' or an existing template file, got {name!r}"
             + (" (a folder)." if path.is_dir() else " (no such file).")
         )
     templates = []
@@ -135,12 +140,12 @@ def load_templates(prompt_set: str | os.PathLike[str]) -> list[tuple[str, str]]:
             continue
         match = _GROUP_RE.match(line)
         group, template = (match.group(1), match.group(2).strip()) if match else ("custom", line)
-        _check_template(template, f"`--prompt-set` file {str(path)!r} line {n}")
+        _check_template(template, f"`{compare_flag('prompt_set')}` file {str(path)!r} line {n}")
         templates.append((template, group))
     if not templates:
         raise ValueError(
-            f"`--prompt-set` file {str(path)!r} holds no templates: write one per line with a `{{}}` placeholder, "
-            "e.g. 'a {} on the beach'."
+            f"`{compare_flag('prompt_set')}` file {str(path)!r} holds no templates: write one per line with a `{{}}` "
+            "placeholder, e.g. 'a {} on the beach'."
         )
     return templates
 
@@ -152,14 +157,44 @@ def build_prompts(prompt_set: str | os.PathLike[str], identifier: str, class_nou
     'a sks dog in the jungle'
     """
     if not identifier.strip():
-        raise ValueError(f"`--identifier` must be a non-empty word, got {identifier!r}.")
+        raise ValueError(f"`{compare_flag('identifier')}` must be a non-empty word, got {identifier!r}.")
     if not class_noun.strip():
-        raise ValueError(f"`--class-noun` must be a non-empty word, got {class_noun!r}.")
+        raise ValueError(f"`{compare_flag('class_noun')}` must be a non-empty word, got {class_noun!r}.")
     subject = f"{identifier.strip()} {class_noun.strip()}"
     return [
-        PromptSpec(i, t, g, t.replace("{}", subject), t.replace("{}", class_noun.strip()))
+        PromptSpec(i, t, g, t.replace("{}", subject), t.replace("{}", class_noun.strip()), background_text(t, g))
         for i, (t, g) in enumerate(load_templates(prompt_set))
     ]
+
+
+# Groups whose prompts change the subject itself (a hat, a colour): nothing is asked of the background.
+_SUBJECT_GROUPS = frozenset({"accessorization", "property"})
+# A place or context after the subject: "on the beach", "with a city in the background", "floating in ...".
+_CONTEXT_LEAD = re.compile(
+    r"^(?:floating\s+)?(?:on top of|in front of|next to|on|in|at|with|under|near|beside|by|inside|against|among)\s+",
+    re.IGNORECASE,
+)
+
+
+def background_text(template: str, group: str) -> str | None:
+    """The context a template asks for, with the subject phrase removed: the text of background CLIP-T.
+
+    The text after ``{}`` loses its leading preposition ("a {} on the beach" -> "the beach"; "a {} with a city in the
+    background" -> "a city in the background"). ``None`` for the accessorization and property groups (they change
+    the subject, which the background-only image hides) and for templates with no place after ``{}`` ("a {} wearing
+    a crown", "a red {}").
+
+    >>> background_text("a {} on top of pink fabric", "recontextualization")
+    'pink fabric'
+    """
+    if group in _SUBJECT_GROUPS:
+        return None
+    after = template.split("{}", 1)[1].strip()
+    match = _CONTEXT_LEAD.match(after)
+    if match is None:
+        return None
+    rest = after[match.end():].strip(" ,.")
+    return rest or None
 
 
 _NOT_IDENTIFIERS = frozenset({"a", "an", "the", "of", "my", "our", "your", "photo", "picture", "image"})

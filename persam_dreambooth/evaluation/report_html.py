@@ -1,10 +1,13 @@
 """``report.html``: one self-contained page (every image embedded as a data URI) for a comparison.
 
-Top to bottom: the bar chart, the metric tables (overall and per prompt group, deltas against the base model), the
-side-by-side grids (one per prompt: a row per seed, a column per run), the PerSAM reference and each run's training
-masks, per-prompt numbers, each run's resolved config, and the metric definitions. A small script flags images that
-fail to decode (``data-images-broken`` on ``<body>`` and a visible banner) and a page wider than the window
-(``data-page-overflow``); the browser test reads both.
+Top to bottom: the bar chart, the metric tables (overall and per prompt group, deltas against the base model), each
+followed by the paired differences with their 95% confidence intervals (text and a small interval plot per cell; bold
+only where the interval excludes 0), how sure the differences are (interval widths, where more images would help),
+the side-by-side grids (one per prompt: a row per seed, a column per run), the PerSAM reference and each run's
+training masks, per-prompt numbers, each run's resolved config, and the metric definitions. A small script flags
+images that fail to decode (``data-images-broken`` on ``<body>`` and a visible banner), a page wider than the window
+(``data-page-overflow``) and interval plots that did not render (``data-ci-total`` / ``data-ci-drawn``); the browser
+test reads them.
 """
 
 from __future__ import annotations
@@ -21,10 +24,24 @@ import yaml
 from PIL import Image
 
 from persam_dreambooth.data.images import load_image, load_mask
+from persam_dreambooth.evaluation.paired_stats import Difference
 from persam_dreambooth.evaluation.prompts import PromptSpec
-from persam_dreambooth.evaluation.report import format_delta, format_value, plural, prompt_set_label, side_by_side
-from persam_dreambooth.evaluation.scoring import LOWER_IS_BETTER, METRIC_LABELS, METRICS
-from persam_dreambooth.masks.overlay import overlay_mask
+from persam_dreambooth.evaluation.report_format import (
+    advice,
+    difference_tables,
+    format_bounds,
+    format_delta,
+    format_half_width,
+    format_interval,
+    format_value,
+    metric_header,
+    plural,
+    prompt_set_label,
+    shown_metrics,
+)
+from persam_dreambooth.evaluation.scoring import METRIC_LABELS
+from persam_dreambooth.evaluation.side_by_side import side_by_side
+from persam_dreambooth.utils.overlay import overlay_mask
 
 __all__ = ["render_html", "data_uri"]
 
@@ -42,7 +59,10 @@ th:first-child,td:first-child{text-align:left;white-space:normal;overflow-wrap:b
 th{background:#f5f5f5;font-weight:600}th.run{white-space:normal;overflow-wrap:break-word;max-width:130px;
 text-align:center;font-weight:500;font-size:13px}.tw{overflow-x:auto;max-width:100%}td.prompt{min-width:220px}
 tr.base td{color:#616161;background:#fcfcfc}tr.real td{color:#616161;font-style:italic}
-td.best{font-weight:700;color:#1b5e20}.delta{color:#757575;font-size:12px;margin-left:4px}
+.delta{color:#757575;font-size:12px;margin-left:4px}td.diff{text-align:center;font-size:13px}
+td.sig{font-weight:700}
+td.sig.better{color:#1b5e20}td.sig.worse{color:#b71c1c}.verdict{display:block;font-size:11px;font-weight:400;
+color:#616161}svg.ci{display:block;margin:2px auto 0}.tips li{margin:4px 0}
 .grids{display:flex;flex-wrap:wrap;gap:18px}
 figure{margin:0;background:#fff;border:1px solid #e0e0e0;padding:8px;max-width:100%}
 figure img{display:block;max-width:100%;height:auto}figcaption{font-size:13px;color:#424242;margin-top:6px;
@@ -61,6 +81,14 @@ window.addEventListener('load', function () {
   document.body.setAttribute('data-images-broken', String(broken.length));
   // wider than the window means a sideways-scrolling page (wide tables scroll inside their own box instead)
   document.body.setAttribute('data-page-overflow', String(document.documentElement.scrollWidth > window.innerWidth));
+  // every interval plot has a box on the page and a drawn range line
+  var plots = Array.prototype.slice.call(document.querySelectorAll('svg.ci'));
+  var drawn = plots.filter(function (svg) {
+    var box = svg.getBoundingClientRect(), line = svg.querySelector('line.range');
+    return box.width > 0 && box.height > 0 && line !== null && line.getBoundingClientRect().width > 0;
+  });
+  document.body.setAttribute('data-ci-total', String(plots.length));
+  document.body.setAttribute('data-ci-drawn', String(drawn.length));
   if (broken.length) {
     var box = document.getElementById('broken');
     box.textContent = broken.length + ' image(s) failed to load.';
@@ -92,35 +120,101 @@ def _name(run: str) -> str:
     return "<wbr>".join(_e(part) for part in re.split(r"(?<=[_\-./])", run))
 
 
-def _best(values: Sequence[float | None], metric: str) -> float | None:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None
-    return min(vals) if metric in LOWER_IS_BETTER else max(vals)
-
-
 def _table(rows: Sequence[tuple[str, Mapping[str, Any], str]], base: Mapping[str, Any] | None) -> str:
-    """rows: (label, values, css class); the best trained-run value per column is bold; deltas vs ``base``."""
-    head = "".join(f"<th>{_e(METRIC_LABELS[m])} {'↓' if m in LOWER_IS_BETTER else '↑'}</th>" for m in METRICS)
+    """rows: (label, values, css class); trained runs show their delta to ``base`` (no bold: see the differences)."""
+    shown = shown_metrics([vals for _, vals, _ in rows])
+    head = "".join(f"<th>{_e(metric_header(m))}</th>" for m in shown)
     out = [f'<div class="tw"><table><thead><tr><th>run</th>{head}<th>subject found</th></tr></thead><tbody>']
-    trained = [vals for _, vals, css in rows if css == ""]
-    best = {m: _best([v.get(m) for v in trained], m) for m in METRICS}
     for label, vals, css in rows:
         cells = []
-        for m in METRICS:
+        for m in shown:
             v = vals.get(m)
             text = format_value(v)
             if base is not None and css == "" and v is not None and base.get(m) is not None:
                 text += f'<span class="delta">({format_delta(v - base[m])})</span>'
-            # compared as shown (3 decimals), so runs that tie on the page are all bold
-            is_best = v is not None and best[m] is not None and format_value(v) == format_value(best[m])
-            cls = ' class="best"' if css == "" and is_best and len(trained) > 1 else ""
-            cells.append(f"<td{cls}>{text}</td>")
+            cells.append(f"<td>{text}</td>")
         rate = vals.get("subject_found_rate")
         cells.append(f"<td>{'n/a' if rate is None else f'{100 * rate:.0f}%'}</td>")
         out.append(f'<tr class="{css}"><td>{_name(label)}</td>{"".join(cells)}</tr>')
     out.append("</tbody></table></div>")
     return "".join(out)
+
+
+CI_WIDTH, CI_HEIGHT = 120, 14  # pixels of one interval plot
+
+
+def _interval_svg(diff: Difference, scale: float) -> str:
+    """A small forest plot: the interval as a line, the difference as a dot, 0 as a grey tick.
+
+    ``scale`` is the largest absolute value on the table's common axis (so plots of one table compare)."""
+    def x(v: float) -> float:
+        return round(CI_WIDTH / 2 + v / scale * (CI_WIDTH / 2 - 4), 1)
+
+    low = diff.low if diff.low is not None else diff.difference
+    high = diff.high if diff.high is not None else diff.difference
+    x1, x2 = x(low), x(high)
+    if x2 - x1 < 2:  # a zero-width interval still shows as a short line
+        x1, x2 = x1 - 1, x2 + 1
+    color = {"better": "#2e7d32", "worse": "#c62828"}.get(diff.verdict, "#757575")
+    mid = CI_HEIGHT / 2
+    return (f'<svg class="ci" width="{CI_WIDTH}" height="{CI_HEIGHT}" viewBox="0 0 {CI_WIDTH} {CI_HEIGHT}" '
+            f'role="img" aria-label="{_e(format_interval(diff))}">'
+            f'<line x1="{x(0)}" y1="0" x2="{x(0)}" y2="{CI_HEIGHT}" stroke="#bdbdbd" stroke-width="1"/>'
+            f'<line class="range" x1="{x1}" y1="{mid}" x2="{x2}" y2="{mid}" stroke="{color}" stroke-width="2"/>'
+            f'<circle cx="{x(diff.difference)}" cy="{mid}" r="3" fill="{color}"/></svg>')
+
+
+def _differences_table(comparisons: Sequence[Mapping[str, Any]], group: str | None) -> str:
+    """Paired differences with intervals (text and plot); bold only where the interval excludes 0."""
+    tables, shown = difference_tables(comparisons, group)
+    if not shown:
+        return ""
+    ends = [abs(v) for _, diffs in tables for d in diffs.values() for v in (d.difference, d.low, d.high)
+            if v is not None]
+    scale = max([*ends, 0.005])
+    head = "".join(f"<th>{_e(metric_header(m))}</th>" for m in shown)
+    out = ['<p class="note">Paired differences with 95% confidence intervals:</p>',
+           f'<div class="tw"><table class="differences"><thead><tr><th>difference</th>{head}</tr></thead><tbody>']
+    for label, diffs in tables:
+        cells = []
+        for m in shown:
+            diff = diffs.get(m)
+            if diff is None:
+                cells.append('<td class="diff">n/a</td>')
+                continue
+            css = f"diff sig {diff.verdict}" if diff.excludes_zero else "diff"
+            # two lines (difference, then interval) keep six metric columns inside the page
+            cells.append(f'<td class="{css}">{format_delta(diff.difference)}<br>{format_bounds(diff)}'
+                         f'<span class="verdict">{_e(diff.verdict)}</span>{_interval_svg(diff, scale)}</td>')
+        out.append(f"<tr><td>{_name(label)}</td>{''.join(cells)}</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def _how_sure(metrics: Mapping[str, Any]) -> str:
+    comparisons = metrics.get("comparisons")
+    if not comparisons:
+        return ""
+    stats = metrics["statistics"]
+    tables, shown = difference_tables(comparisons)
+    head = "".join(f"<th>{_e(METRIC_LABELS[m])}</th>" for m in shown)
+    rows = "".join(f"<tr><td>{_name(label)}</td>"
+                   + "".join(f"<td>{format_half_width(diffs.get(m))}</td>" for m in shown) + "</tr>"
+                   for label, diffs in tables)
+    parts = [
+        "<h2>How sure are these differences?</h2>",
+        f'<p class="note">Each difference is the mean over paired images (same prompt, same seed). Its interval is a '
+        f"{100 * stats['confidence']:.0f}% confidence interval from a paired bootstrap: {stats['resamples']} "
+        "resamples of the prompts and, within each prompt, its seeds (bootstrap seed "
+        f"{stats['seed']}). Bold: the interval excludes 0, so the verdict is “better” or “worse”; otherwise “no "
+        "clear difference”. Interval widths (± half the width, all prompts):</p>",
+        f'<div class="tw"><table class="widths"><thead><tr><th>difference</th>{head}</tr></thead><tbody>{rows}'
+        "</tbody></table></div>",
+    ]
+    tips = advice(metrics)
+    if tips:
+        parts.append('<ul class="tips">' + "".join(f"<li>{_e(t)}</li>" for t in tips) + "</ul>")
+    return "".join(parts)
 
 
 def _reference_figure(reference: Mapping[str, str]) -> str:
@@ -164,18 +258,23 @@ def render_html(
         '<div id="broken"></div>',
         f'<img class="chart" alt="bar chart of the metrics" src="{data_uri(chart_png, "image/png")}">',
         "<h2>Metrics</h2>",
-        '<p class="note">Mean over all prompts and seeds. Deltas are against the base model (the floor); the best '
-        "trained run per column is bold. Background leakage: lower is better.</p>",
+        '<p class="note">Mean over all prompts and seeds; in parentheses, the difference to the base model (the '
+        "floor). Below each table: the paired differences with their 95% confidence intervals, bold only where the "
+        "interval excludes 0. Background leakage: lower is better.</p>",
     ]
     overall = [(n, runs[n]["overall"], "base" if n == "base" else "") for n in names]
     if metrics.get("real_images"):
         overall.append(("real images", {**metrics["real_images"], "subject_found_rate": None}, "real"))
+    comparisons = metrics.get("comparisons", [])
     parts.append(_table(overall, base["overall"]))
+    parts.append(_differences_table(comparisons, None))
     for group in base["groups"]:
         n_prompts = sum(1 for p in prompts if p.group == group)
         parts.append(f"<h3>{_e(group)} ({plural(n_prompts, 'prompt')})</h3>")
         parts.append(_table([(n, runs[n]["groups"][group], "base" if n == "base" else "") for n in names],
                             base["groups"][group]))
+        parts.append(_differences_table(comparisons, group))
+    parts.append(_how_sure(metrics))
     parts.append("<h2>Side by side</h2><p class=\"note\">Same prompt and seed in each row; columns are the runs. "
                  "Click a grid for full size.</p><div class=\"grids\">")
     for spec, path in zip(prompts, grid_paths, strict=True):
@@ -199,7 +298,7 @@ def render_html(
         else:
             source = run_configs.get(name, {}).get("mask_source")
             parts.append(f'<p class="note">No masks/masks_grid.jpg in this run (mask_source: {_e(source)}).</p>')
-    shown = [m for m in ("dino", "clip_t", "background_leakage")
+    shown = [m for m in ("dino", "clip_t", "background_leakage", "background_clip_t")
              if any(runs[n]["overall"].get(m) is not None for n in names)]
     parts.append(f"<h2>Per prompt</h2><details><summary>{' / '.join(METRIC_LABELS[m] for m in shown)} per prompt"
                  "</summary>")
@@ -220,8 +319,8 @@ def render_html(
 
 def _per_prompt_table(metrics: Mapping[str, Any], names: Sequence[str], shown: Sequence[str]) -> str:
     """Prompts as rows; a column group per metric in ``shown`` with one column per run (long run names wrap)."""
-    top = "".join(f'<th colspan="{len(names)}" style="text-align:center">{_e(METRIC_LABELS[m])} '
-                  f"{'↓' if m in LOWER_IS_BETTER else '↑'}</th>" for m in shown)
+    top = "".join(f'<th colspan="{len(names)}" style="text-align:center">{_e(metric_header(m))}</th>'
+                  for m in shown)
     sub = "".join(f'<th class="run">{_name(n)}</th>' for _ in shown for n in names)
     rows = [f'<div class="tw"><table><thead><tr><th rowspan="2">prompt</th>{top}</tr><tr>{sub}</tr></thead><tbody>']
     base_prompts = metrics["runs"]["base"]["prompts"]

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from persam_dreambooth.evaluation.compare_config import no_flag
 from persam_dreambooth.evaluation.embedders import ClipEmbedder, DinoEmbedder
 from persam_dreambooth.evaluation.image_metrics import (
     background_only,
@@ -35,11 +36,11 @@ __all__ = ["METRICS", "LOWER_IS_BETTER", "METRIC_LABELS", "RealImages", "Scorer"
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("dino", "clip_i", "clip_t", "masked_dino", "background_leakage")
+METRICS = ("dino", "clip_i", "clip_t", "masked_dino", "background_leakage", "background_clip_t")
 LOWER_IS_BETTER = frozenset({"background_leakage"})
 METRIC_LABELS = {
     "dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "masked_dino": "masked DINO",
-    "background_leakage": "background leakage",
+    "background_leakage": "background leakage", "background_clip_t": "background CLIP-T",
 }
 
 Segmenter = Callable[[np.ndarray], np.ndarray]
@@ -105,33 +106,42 @@ class Scorer:
                 name = str(real.paths[empty[0]]) if empty[0] < len(real.paths) else f"#{empty[0]}"
                 raise ValueError(
                     f"The mask of instance image {name!r} is empty: every instance mask needs at least one subject "
-                    "pixel for the background metrics (fix the mask, or pass `--no-background-metrics`)."
+                    f"pixel for the background metrics (fix the mask, or pass `{no_flag('background_metrics')}`)."
                 )
             self.real_subject = dino.embed(crops)  # (R, D)
             self.real_background = dino.embed(
                 [background_only(im, m) for im, m in zip(real.images, real.masks, strict=True)]
             )  # (R, D)
 
-    def score(self, images: Sequence[np.ndarray], clip_texts: Sequence[str]) -> list[dict[str, Any]]:
+    def score(
+        self, images: Sequence[np.ndarray], clip_texts: Sequence[str],
+        background_texts: Sequence[str | None] | None = None,
+    ) -> list[dict[str, Any]]:
         """Per-image metrics; ``masked_dino`` is ``None`` where no subject was found.
 
         Args:
             images: N generated ``(H, W, 3)`` uint8 images.
             clip_texts: N texts for CLIP-T (the prompt without the identifier, see ``PromptSpec.clip_text``).
+            background_texts: N texts for background CLIP-T (the prompt's context without the subject, see
+                ``PromptSpec.background_text``); ``None`` entries (or no list) leave that metric ``None``.
 
         Returns:
             N dicts with ``dino``, ``clip_i``, ``clip_t``, ``masked_dino``, ``background_leakage``,
-            ``subject_found`` and ``subject_area`` (fraction of the image).
+            ``background_clip_t``, ``subject_found`` and ``subject_area`` (fraction of the image).
         """
         if len(images) != len(clip_texts):
             raise ValueError(f"`clip_texts` must have one text per image ({len(images)}), got {len(clip_texts)}.")
+        background_texts = [None] * len(images) if background_texts is None else list(background_texts)
+        if len(background_texts) != len(images):
+            raise ValueError(f"`background_texts` must have one entry per image ({len(images)}), got "
+                             f"{len(background_texts)}.")
         dino = cosine_matrix(self.dino.embed(images), self.real_dino).mean(dim=1)  # (N, R) -> (N,)
         gen_clip = self.clip.embed_images(images)  # (N, E)
         clip_i = cosine_matrix(gen_clip, self.real_clip).mean(dim=1)  # (N, R) -> (N,)
         clip_t = paired_cosine(self.clip.embed_texts(clip_texts), gen_clip)  # (N,)
         rows = [
             {"dino": float(dino[i]), "clip_i": float(clip_i[i]), "clip_t": float(clip_t[i]), "masked_dino": None,
-             "background_leakage": None, "subject_found": None, "subject_area": None}
+             "background_leakage": None, "background_clip_t": None, "subject_found": None, "subject_area": None}
             for i in range(len(images))
         ]
         if self.segmenter is None:
@@ -148,6 +158,13 @@ class Scorer:
         for i, m in enumerate(masks):
             rows[i].update(background_leakage=float(leak[i]), subject_found=bool(m.any()),
                            subject_area=float(m.mean()))
+        # Background CLIP-T: the same background-only images against the prompt's context alone.
+        asked = [i for i, t in enumerate(background_texts) if t]
+        if asked:
+            bg_clip = paired_cosine(self.clip.embed_texts([background_texts[i] for i in asked]),
+                                    self.clip.embed_images([backgrounds[i] for i in asked]))  # (K,)
+            for k, i in enumerate(asked):
+                rows[i]["background_clip_t"] = float(bg_clip[k])
         return rows
 
     def real_vs_real(self) -> dict[str, float | None]:
@@ -210,7 +227,8 @@ def score_run(
         spec = prompts[rec["prompt_index"]]
         # Everything that made the image is part of the key: a regenerated image with other settings is rescored.
         ident = {"file": rec["file"], "prompt_index": rec["prompt_index"], "image_index": rec["image_index"],
-                 "group": spec.group, "clip_text": spec.clip_text, **{k: rec[k] for k in IDENTITY_KEYS}}
+                 "group": spec.group, "clip_text": spec.clip_text, "background_text": spec.background_text,
+                 **{k: rec[k] for k in IDENTITY_KEYS}}
         keyed.append(ident)
     todo = [k for k in keyed if {kk: cache.get(k["file"], {}).get(kk) for kk in k} != k]
     if todo:
@@ -221,7 +239,8 @@ def score_run(
                 for k in chunk:
                     with Image.open(Path(image_root) / k["file"]) as im:
                         images.append(np.array(im.convert("RGB")))  # a writable copy
-                for k, row in zip(chunk, scorer.score(images, [k["clip_text"] for k in chunk]), strict=True):
+                rows = scorer.score(images, [k["clip_text"] for k in chunk], [k["background_text"] for k in chunk])
+                for k, row in zip(chunk, rows, strict=True):
                     cache[k["file"]] = {**k, **row}
                 atomic_write_json(cache_path, {"settings": settings, "images": cache}, indent=1)
                 bar.update(len(chunk))
@@ -234,7 +253,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def _summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {m: _mean([r[m] for r in rows]) for m in METRICS}
+    out: dict[str, Any] = {m: _mean([r.get(m) for r in rows]) for m in METRICS}
     found = [r["subject_found"] for r in rows if r["subject_found"] is not None]
     out["subject_found_rate"] = float(np.mean(found)) if found else None
     out["num_images"] = len(rows)

@@ -1,7 +1,8 @@
 """Segmentation metrics of the PerSeg benchmark: pooled per-class IoU (mIoU) and Boundary IoU (bIoU).
 
-Definitions (``persam_method.md`` §6.2-6.3, Decision 7):
+Definitions (``docs/design/persam_method.md`` §6.2-6.3, Decision 7):
 
+* **IoU of one image pair**: :func:`persam_dreambooth.utils.mask_geometry.mask_iou` (1.0 for two empty masks).
 * **IoU of a class** = Σ_images |P ∩ G| / Σ_images |P ∪ G| over the class's test images (pooled, not a per-image
   mean), as the published ``eval_miou.py`` computes it; **mIoU** = 100 × the mean over classes. **mAcc** likewise with
   Σ|P ∩ G| / Σ|G|.
@@ -22,27 +23,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from persam_dreambooth.utils.mask_geometry import check_mask_pair
+
 __all__ = [
     "DEFAULT_DILATION_RATIO",
     "boundary_band",
     "boundary_iou",
-    "mask_iou",
     "PooledIoU",
     "mean_over_classes",
 ]
 
 DEFAULT_DILATION_RATIO = 0.02
 _EPS = 1e-10  # the published script's guard against an empty union
-
-
-def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pred = np.asarray(pred)
-    gt = np.asarray(gt)
-    if pred.ndim != 2 or gt.ndim != 2:
-        raise ValueError(f"`pred` and `gt` must be (H, W) masks, got shapes {pred.shape} and {gt.shape}.")
-    if pred.shape != gt.shape:
-        raise ValueError(f"`pred` has shape (H, W) = {pred.shape} but `gt` has {gt.shape}; they must match.")
-    return pred.astype(bool, copy=False), gt.astype(bool, copy=False)
 
 
 def boundary_width(height: int, width: int, dilation_ratio: float = DEFAULT_DILATION_RATIO) -> int:
@@ -70,16 +62,9 @@ def boundary_band(mask: np.ndarray, dilation_ratio: float = DEFAULT_DILATION_RAT
     return mask & ~eroded
 
 
-def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """IoU of two ``(H, W)`` masks; 1.0 when both are empty."""
-    pred, gt = _check_pair(pred, gt)
-    union = int(np.count_nonzero(pred | gt))
-    return 1.0 if union == 0 else int(np.count_nonzero(pred & gt)) / union
-
-
 def boundary_iou(pred: np.ndarray, gt: np.ndarray, dilation_ratio: float = DEFAULT_DILATION_RATIO) -> float:
     """Boundary IoU of two ``(H, W)`` masks; 1.0 when both bands are empty."""
-    pred, gt = _check_pair(pred, gt)
+    pred, gt = check_mask_pair(pred, gt)
     bp, bg = boundary_band(pred, dilation_ratio), boundary_band(gt, dilation_ratio)
     union = int(np.count_nonzero(bp | bg))
     return 1.0 if union == 0 else int(np.count_nonzero(bp & bg)) / union
@@ -99,7 +84,7 @@ class PooledIoU:
 
     def add(self, pred: np.ndarray, gt: np.ndarray, name: str = "") -> dict[str, float]:
         """Add one image's ``(H, W)`` prediction and ground truth; returns that image's own IoU and bIoU."""
-        pred, gt = _check_pair(pred, gt)
+        pred, gt = check_mask_pair(pred, gt)
         inter = int(np.count_nonzero(pred & gt))
         union = int(np.count_nonzero(pred | gt))
         bp, bg = boundary_band(pred, self.dilation_ratio), boundary_band(gt, self.dilation_ratio)

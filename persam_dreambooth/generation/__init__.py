@@ -5,8 +5,8 @@ Public API::
     from persam_dreambooth.generation import generate, GenerationConfig, load_pipeline, find_run_weights
 """
 
+from persam_dreambooth.generation.config import GenerationConfig, SamplingConfig
 from persam_dreambooth.generation.generate import (
-    GenerationConfig,
     GenerationResult,
     generate,
     image_name,
@@ -25,6 +25,7 @@ from persam_dreambooth.utils.grids import image_grid
 
 __all__ = [
     "GenerationConfig",
+    "SamplingConfig",
     "GenerationResult",
     "generate",
     "image_name",

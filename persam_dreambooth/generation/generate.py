@@ -8,40 +8,49 @@ Output layout in ``output_dir``::
 
     images/p003_i01_s1.png   # prompt index 3, image index 1, seed 1
     grids/p003.jpg           # all images of prompt 3 in one grid
-    generation.jsonl         # one JSON record per image: prompt, seed and every setting that made it
+    generation.jsonl         # one strict-JSON record per image: prompt, seed and every setting that made it
+    .persam.lock             # the run's advisory lock: one writer per folder (persam_dreambooth.utils.locks)
 
 Resuming: an image whose PNG exists, decodes and whose record in ``generation.jsonl`` has the same settings (the
 trained weights' fingerprint included, so weights retrained into the same folder are noticed) is skipped. Every file
 is written atomically, so a crash leaves either a complete PNG or none. An existing image made with *different*
 settings is an error (raised before anything is generated), never silently mixed in.
+
+Before any work, the output folder is checked to be writable and ``device`` to exist; then the folder is locked for
+the whole run, so a second run into it refuses at once, naming this run's PID.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from PIL import Image
 
-from persam_dreambooth.config import field_help, from_dict
+from persam_dreambooth.config import flag_name, from_dict
+from persam_dreambooth.generation.config import PROMPTS_FILE_FLAG, GenerationConfig
 from persam_dreambooth.generation.pipeline import (
     check_image_size,
+    family_call_kwargs,
     find_run_weights,
     load_pipeline,
+    lora_scale_kwargs,
     model_geometry,
     read_base_model,
-    resolve_device,
     weights_fingerprint,
 )
+from persam_dreambooth.utils.devices import resolve_device
 from persam_dreambooth.utils.grids import image_grid
-from persam_dreambooth.utils.io import atomic_save_image, atomic_write_text, ensure_output_dir
+from persam_dreambooth.utils.io import atomic_save_image, atomic_write_text, check_output_dir, dumps_json
+from persam_dreambooth.utils.locks import lock_output_dir
 
-__all__ = ["GenerationConfig", "GenerationResult", "generate", "image_name", "read_prompts_file", "load_records"]
+__all__ = ["GenerationResult", "generate", "image_name", "read_prompts_file", "load_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,51 +59,13 @@ RECORDS_NAME = "generation.jsonl"
 IDENTITY_KEYS = (
     "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width",
     "pretrained_model_name_or_path", "lora", "lora_scale", "model", "weights_fingerprint", "dtype",
+    "pipeline_kwargs",  # the family's extra pipeline arguments (max_sequence_length...); {} for SD / SDXL
 )
 
 
-@dataclass(kw_only=True)
-class GenerationConfig:
-    """Everything :func:`generate` needs; the field names are the CLI flags (``--num-images`` = ``num_images``)."""
-
-    prompts: list[str] = field_help(help="the prompts, in order (their index names the files)")
-    output_dir: str = field_help(help="folder for images/, grids/ and generation.jsonl")
-    pretrained_model_name_or_path: str | None = field_help(
-        None, help="base model (Hub id or folder); read from the LoRA folder's config.resolved.yaml when omitted"
-    )
-    lora: str | None = field_help(None, help="training output folder with pytorch_lora_weights.safetensors")
-    lora_scale: float = field_help(1.0, help="LoRA strength (cross_attention_kwargs scale)")
-    model: str | None = field_help(None, help="fully fine-tuned pipeline folder (instead of base + LoRA)")
-    num_images: int = field_help(4, help="images per prompt; image i uses seed + i")
-    seed: int = field_help(0, help="seed of image 0 of every prompt")
-    num_inference_steps: int = field_help(30, help="denoising steps")
-    guidance_scale: float = field_help(7.5, help="classifier-free guidance scale")
-    negative_prompt: str | None = field_help(None, help="negative prompt for every image")
-    height: int | None = field_help(None, help="image height (multiple of the VAE scale factor); default: model's")
-    width: int | None = field_help(None, help="image width (multiple of the VAE scale factor); default: model's")
-    batch_size: int = field_help(4, help="images per pipeline call (does not change the starting noise)")
-    device: str | None = field_help(None, help="cuda, cpu, mps, ... (default: best available)")
-    dtype: Literal["float32", "float16", "bfloat16"] = field_help("float32", help="weights and compute dtype")
-
-    def __post_init__(self) -> None:
-        if not self.prompts:
-            raise ValueError("`prompts` must hold at least one prompt (give `--prompt` or `--prompts-file`).")
-        for i, p in enumerate(self.prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"`prompts[{i}]` must be a non-empty string, got {p!r}.")
-        if not self.output_dir:
-            raise ValueError("`output_dir` (`--output-dir`) is required.")
-        for name in ("num_images", "num_inference_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if self.seed < 0:
-            raise ValueError(f"`seed` must be >= 0, got {self.seed}.")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"`{name}` must be a positive number of pixels, got {value}.")
-        if self.lora is not None and self.model is not None:
-            raise ValueError("Pass either `lora` (`--lora`) or `model` (`--model`), not both.")
+def _flag(name: str) -> str:
+    """The ``generate`` flag of a :class:`GenerationConfig` field, for error messages."""
+    return flag_name(GenerationConfig, name, dashes=True)
 
 
 @dataclass
@@ -116,7 +87,7 @@ def image_name(prompt_index: int, image_index: int, seed: int) -> str:
     return f"images/p{prompt_index:03d}_i{image_index:02d}_s{seed}.png"
 
 
-def read_prompts_file(path: str | os.PathLike[str], arg_name: str = "--prompts-file") -> list[str]:
+def read_prompts_file(path: str | os.PathLike[str], arg_name: str = PROMPTS_FILE_FLAG) -> list[str]:
     """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
     path = Path(path)
     if not path.is_file():
@@ -141,13 +112,15 @@ def load_records(output_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{str(path)!r} line {n} is not valid JSON: {exc}") from exc
+        rec.setdefault("pipeline_kwargs", {})  # records written before it was recorded: SD / SDXL only, i.e. {}
         records[rec["file"]] = rec
     return records
 
 
 def _write_records(output_dir: Path, records: dict[str, dict[str, Any]]) -> None:
     ordered = sorted(records.values(), key=lambda r: (r["prompt_index"], r["image_index"], r["file"]))
-    atomic_write_text(output_dir / RECORDS_NAME, "".join(json.dumps(r) + "\n" for r in ordered))
+    # Strict JSON (no NaN / Infinity), one record a line.
+    atomic_write_text(output_dir / RECORDS_NAME, "".join(dumps_json(r) + "\n" for r in ordered))
 
 
 def _is_complete_png(path: Path) -> bool:
@@ -171,36 +144,41 @@ def _resolve(config: GenerationConfig) -> dict[str, Any]:
     base = config.pretrained_model_name_or_path
     fingerprint = None
     if config.model is not None:
-        weights = find_run_weights(config.model, "--model")
+        weights = find_run_weights(config.model, _flag("model"))
         if weights.kind != "full":
             raise ValueError(
-                f"`--model` folder {config.model!r} holds LoRA weights (pytorch_lora_weights.safetensors), not a "
-                "full pipeline (model_index.json); pass it as `--lora` instead."
+                f"`{_flag('model')}` folder {config.model!r} holds LoRA weights (pytorch_lora_weights.safetensors), "
+                f"not a full pipeline (model_index.json); pass it as `{_flag('lora')}` instead."
             )
         fingerprint = weights_fingerprint(weights)
     elif config.lora is not None:
-        weights = find_run_weights(config.lora, "--lora")
+        weights = find_run_weights(config.lora, _flag("lora"))
         if weights.kind != "lora":
             raise ValueError(
-                f"`--lora` folder {config.lora!r} holds a full pipeline (model_index.json), not LoRA weights; pass it "
-                "as `--model` instead."
+                f"`{_flag('lora')}` folder {config.lora!r} holds a full pipeline (model_index.json), not LoRA "
+                f"weights; pass it as `{_flag('model')}` instead."
             )
         fingerprint = weights_fingerprint(weights)
         trained_on = read_base_model(config.lora)
         if base is not None and trained_on is not None and _path_id(trained_on) != _path_id(base):
-            logger.warning("The LoRA in %s was trained on %s, not on --pretrained_model_name_or_path %s",
-                           config.lora, trained_on, base)
+            logger.warning("The LoRA in %s was trained on %s, not on %s %s",
+                           config.lora, trained_on, _flag("pretrained_model_name_or_path"), base)
         if base is None:
             base = read_base_model(config.lora)
             if base is None:
                 raise ValueError(
-                    "`--pretrained_model_name_or_path` is required: the `--lora` folder "
+                    f"`{_flag('pretrained_model_name_or_path')}` is required: the `{_flag('lora')}` folder "
                     f"{config.lora!r} has no config.resolved.yaml naming its base model."
                 )
             logger.info("Base model from the LoRA folder's config.resolved.yaml: %s", base)
     elif base is None:
-        raise ValueError("`--pretrained_model_name_or_path` is required (or `--model` for a fine-tuned pipeline).")
+        raise ValueError(f"`{_flag('pretrained_model_name_or_path')}` is required (or `{_flag('model')}` for a "
+                         "fine-tuned pipeline).")
+    # The family's extra pipeline arguments (max_sequence_length, FLUX.2's text_encoder_out_layers), as the run
+    # trained with them (its config.resolved.yaml), so its images match its validation images.
+    family_kwargs = family_call_kwargs(config.model or base, config.model or config.lora)
     return {
+        "pipeline_kwargs": family_kwargs,
         "negative_prompt": config.negative_prompt,
         "num_inference_steps": config.num_inference_steps,
         "guidance_scale": config.guidance_scale,
@@ -240,13 +218,17 @@ def generate(
         ValueError: bad settings, a size not divisible by the VAE scale factor, or existing images made with other
             settings in ``output_dir`` (all before anything is generated).
         FileNotFoundError: a ``lora``/``model`` folder without weights.
+        PermissionError: ``output_dir`` cannot be created or written (checked before anything else).
+        FolderLockedError: another run is writing into ``output_dir`` (the message names its PID).
     """
     if config is None:
         config = from_dict(GenerationConfig, kwargs)
     elif kwargs:
         raise TypeError(f"Pass either a GenerationConfig or keyword settings, not both (got {sorted(kwargs)}).")
+    out = check_output_dir(config.output_dir, _flag("output_dir"))  # before any work: can it be written at all?
+    device = str(resolve_device(config.device, _flag("device"), prefer_mps=True))
     settings = _resolve(config)
-    if pipeline is not None:
+    if pipeline is not None and getattr(pipeline, "unet", None) is not None:
         scale = int(pipeline.vae_scale_factor)
         default = int(pipeline.unet.config.sample_size) * scale
     else:
@@ -255,7 +237,15 @@ def generate(
     check_image_size(height, width, scale)
     settings.update(height=height, width=width)
 
-    out = ensure_output_dir(config.output_dir, "--output-dir")
+    # One writer per folder for the whole run: a second `generate` into it refuses with this run's PID.
+    with lock_output_dir(out, "generate", _flag("output_dir")):
+        return _generate_into(out, config, settings, pipeline, device, progress)
+
+
+def _generate_into(
+    out: Path, config: GenerationConfig, settings: dict[str, Any], pipeline: Any, device: str, progress: bool
+) -> GenerationResult:
+    """The part of :func:`generate` that reads and writes ``out`` (under its lock)."""
     existing = load_records(out)
     jobs, todo, mismatched = [], [], []
     for p_idx, prompt in enumerate(config.prompts):
@@ -275,14 +265,14 @@ def generate(
         name, diff = mismatched[0]
         detail = "; ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, (a, b) in diff.items())
         raise ValueError(
-            f"`--output-dir` {str(out)!r} already holds {len(mismatched)} image(s) made with other settings "
+            f"`{_flag('output_dir')}` {str(out)!r} already holds {len(mismatched)} image(s) made with other settings "
             f"(first: {name}: {detail}). Choose another output folder or delete the old images."
         )
     reused = len(jobs) - len(todo)
     if reused:
         logger.info("Reusing %d existing image(s) in %s", reused, out)
     if todo:
-        _run(config, pipeline, settings, todo, out, existing, progress)
+        _run(config, pipeline, settings, todo, out, existing, device, progress)
     grids = _write_grids(out, config, jobs)
     return GenerationResult(out, [existing[j["file"]] for j in jobs], grids, len(todo), reused)
 
@@ -294,6 +284,7 @@ def _run(
     todo: list[dict[str, Any]],
     out: Path,
     records: dict[str, dict[str, Any]],
+    device: str,
     progress: bool,
 ) -> None:
     """Generate ``todo`` in batches of ``batch_size``, saving each PNG and the records after every batch."""
@@ -302,26 +293,39 @@ def _run(
 
     from persam_dreambooth import __version__
 
-    device = resolve_device(config.device)
     if pipe is None:
         pipe = load_pipeline(
             config.pretrained_model_name_or_path or settings["pretrained_model_name_or_path"],
             lora=config.lora, model=config.model, device=device, dtype=config.dtype,
         )
-    call_kwargs: dict[str, Any] = {}
-    if config.lora is not None:
-        call_kwargs["cross_attention_kwargs"] = {"scale": config.lora_scale}
+    call_kwargs: dict[str, Any] = dict(settings["pipeline_kwargs"])
+    if config.lora is not None:  # cross_attention_kwargs, joint_attention_kwargs... per the pipeline's signature
+        call_kwargs.update(lora_scale_kwargs(pipe, config.lora_scale))
+    if config.negative_prompt is not None:  # FLUX.2 [klein] has no negative prompt: say so before any image
+        if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+            raise ValueError(f"`{_flag('negative_prompt')}`: {type(pipe).__name__} takes no negative prompt; drop it.")
     scheduler = type(pipe.scheduler).__name__
-    bar = tqdm(total=len(todo), desc=f"generate -> {out.name}", unit="img", disable=not progress)
+    # Progress in denoising steps (a batch of large images takes minutes on a CPU), images done in the postfix.
+    steps = config.num_inference_steps
+    bar = tqdm(total=len(todo) * steps, desc=f"generate {len(todo)} image(s) -> {out.name}", unit="step",
+               disable=not progress)
+    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+        def step_done(_pipe: Any, _step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            bar.update(len(batch))
+            return callback_kwargs
+
+        call_kwargs["callback_on_step_end"] = step_done
     try:
         for start in range(0, len(todo), config.batch_size):
             batch = todo[start:start + config.batch_size]
+            before = bar.n
             # One CPU generator per image: identical noise whatever the batch size or device.
             generators = [torch.Generator("cpu").manual_seed(rec["seed"]) for rec in batch]
             with torch.inference_mode():
                 result = pipe(
                     prompt=[rec["prompt"] for rec in batch],
-                    negative_prompt=None if config.negative_prompt is None else [config.negative_prompt] * len(batch),
+                    **({"negative_prompt": [config.negative_prompt] * len(batch)}
+                       if config.negative_prompt is not None else {}),
                     num_inference_steps=config.num_inference_steps,
                     guidance_scale=config.guidance_scale,
                     height=settings["height"],
@@ -338,7 +342,8 @@ def _run(
                                         "nsfw_content_detected": None if flagged is None else bool(flagged),
                                         "persam_dreambooth_version": __version__}
             _write_records(out, records)
-            bar.update(len(batch))
+            bar.update(before + len(batch) * steps - bar.n)  # the rest, or all of it without the step callback
+            bar.set_postfix_str(f"{start + len(batch)}/{len(todo)} images")
     finally:
         bar.close()
 

@@ -13,11 +13,16 @@ import json
 import logging
 import math
 import os
+import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from persam_dreambooth.config import flag_name
+from persam_dreambooth.generation.config import GenerationConfig
 
 __all__ = [
     "LORA_WEIGHT_NAME",
@@ -26,12 +31,14 @@ __all__ = [
     "weights_fingerprint",
     "read_run_config",
     "read_base_model",
-    "resolve_device",
     "resolve_dtype",
     "model_geometry",
     "check_image_size",
     "load_pipeline",
     "offline_hint",
+    "LORA_SCALE_KEYWORDS",
+    "lora_scale_kwargs",
+    "family_call_kwargs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,11 @@ logger = logging.getLogger(__name__)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RUN_CONFIG_NAME = "config.resolved.yaml"
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _flag(name: str) -> str:
+    """The flag of a :class:`GenerationConfig` field (``compare`` spells the shared ones the same), for errors."""
+    return flag_name(GenerationConfig, name, dashes=True)
 
 
 @dataclass(frozen=True)
@@ -49,16 +61,17 @@ class RunWeights:
     path: Path
 
 
-def find_run_weights(folder: str | os.PathLike[str], arg_name: str = "--lora") -> RunWeights:
+def find_run_weights(folder: str | os.PathLike[str], arg_name: str | None = None) -> RunWeights:
     """Find the trained weights in a training output folder.
 
     Args:
         folder: the trainer's ``output_dir``.
-        arg_name: the argument the folder came from, for error messages.
+        arg_name: the argument the folder came from, for error messages (default: ``generate``'s ``--lora``).
 
     Raises:
         FileNotFoundError: the folder does not exist, or holds neither a LoRA file nor a pipeline.
     """
+    arg_name = arg_name or _flag("lora")
     path = Path(folder)
     if not path.is_dir():
         raise FileNotFoundError(f"`{arg_name}` folder {str(path)!r} does not exist (or is not a folder).")
@@ -72,17 +85,32 @@ def find_run_weights(folder: str | os.PathLike[str], arg_name: str = "--lora") -
     )
 
 
+def _safetensors_tensor_digest(path: Path) -> str:
+    """SHA-256 over a ``.safetensors`` file's tensors (name, dtype, shape, bytes; sorted by name), ignoring the
+    ``__metadata__`` block, whose key order diffusers' writer does not keep stable between two saves of the same
+    weights."""
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))  # header length, little-endian u64
+        header = json.loads(handle.read(size))
+        data = handle.read()
+    digest = hashlib.sha256()
+    for name in sorted(k for k in header if k != "__metadata__"):
+        entry = header[name]
+        start, end = entry["data_offsets"]
+        digest.update(f"{name}:{entry['dtype']}:{entry['shape']}\n".encode())
+        digest.update(data[start:end])
+    return digest.hexdigest()
+
+
 def weights_fingerprint(weights: RunWeights) -> str:
     """A short id of the trained weights, recorded with every generated image so a rerun notices retrained weights.
 
-    LoRA: the SHA-256 of the weight file (a few MB). Full pipeline: the names, sizes and modification times of its
-    weight files (hashing gigabytes on every rerun would be slow), so copying the folder without keeping the times
-    counts as a change too.
+    LoRA: the SHA-256 of the weight file's tensors (a few MB; metadata left out). Full pipeline: the names, sizes
+    and modification times of its weight files (hashing gigabytes on every rerun would be slow), so copying the
+    folder without keeping the times counts as a change too.
     """
     if weights.kind == "lora":
-        from persam_dreambooth.utils.io import file_sha256
-
-        return "sha256:" + file_sha256(weights.path / LORA_WEIGHT_NAME)[:16]
+        return "sha256:" + _safetensors_tensor_digest(weights.path / LORA_WEIGHT_NAME)[:16]
     # Only the pipeline's components (model_index.json keys such as unet/, text_encoder/), not checkpoint-N/ folders
     # that a training run may prune later.
     index = json.loads((weights.path / "model_index.json").read_text(encoding="utf-8"))
@@ -118,25 +146,12 @@ def read_base_model(folder: str | os.PathLike[str]) -> str | None:
     return str(value) if value else None
 
 
-def resolve_device(device: str | None) -> str:
-    """``device`` as given, or the best available: ``cuda``, then ``mps``, then ``cpu``."""
-    import torch
-
-    if device:
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def resolve_dtype(dtype: str) -> Any:
     """``"float32" | "float16" | "bfloat16"`` -> the ``torch.dtype``."""
     import torch
 
     if dtype not in DTYPES:
-        raise ValueError(f"`--dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+        raise ValueError(f"`{_flag('dtype')}` must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     return getattr(torch, dtype)
 
 
@@ -158,11 +173,39 @@ def offline_hint(model_id: str, flag: str, local: str = "a local folder") -> str
 
 
 def model_geometry(pretrained_model_name_or_path: str) -> tuple[int, int]:
-    """``(vae_scale_factor, default_size)`` of a Stable Diffusion style pipeline, read from its configs only.
+    """``(size_factor, default_size)`` of a text-to-image pipeline, read from its configs only.
 
-    ``vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)`` (as diffusers' pipelines compute it) and the
-    default image side is ``unet.sample_size * vae_scale_factor``. Nothing is loaded but two small JSON files.
+    For a model family the trainer knows (``persam_dreambooth.training.families``, detected from
+    ``model_index.json``), ``size_factor`` is the family's latent x patch factor (the VAE scale factor for SD and
+    SDXL, twice it for FLUX's 2x2 packing) and the default side is the denoiser's ``sample_size`` x the VAE scale
+    factor (128 x 8 when the config has no ``sample_size``, diffusers' default for its transformer pipelines). Other
+    Stable Diffusion style pipelines: ``vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)`` and
+    ``unet.sample_size``. Nothing is loaded but small JSON files.
     """
+    from persam_dreambooth.training.families import ModelFiles, UnsupportedModelError, family_for_class_name
+
+    name, flag = str(pretrained_model_name_or_path), _flag("pretrained_model_name_or_path")
+    files = ModelFiles(name, arg_name=flag)
+    try:
+        index = files.model_index()
+        family = family_for_class_name(str(index.get("_class_name", "")), arg_name=flag, value=name)
+        info = family.inspect(files, index)
+        denoiser_cfg = files.read_json("config.json", family.denoiser_name)
+    except UnsupportedModelError:
+        return _unet_geometry(name)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(
+            f"Could not read the model configs of `{flag}` {name!r}: "
+            f"{str(exc).splitlines()[0] if str(exc) else exc!r}. "
+            + offline_hint(name, flag)
+        ) from exc
+    sample = denoiser_cfg.get("sample_size") or 128
+    sample = sample[0] if isinstance(sample, list | tuple) else sample
+    return info.resolution_multiple, int(sample) * info.vae_scale_factor
+
+
+def _unet_geometry(pretrained_model_name_or_path: str) -> tuple[int, int]:
+    """``(vae_scale_factor, unet.sample_size * vae_scale_factor)`` of a pipeline no training family covers."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     try:
@@ -170,9 +213,9 @@ def model_geometry(pretrained_model_name_or_path: str) -> tuple[int, int]:
         unet_cfg = UNet2DConditionModel.load_config(pretrained_model_name_or_path, subfolder="unet")
     except (OSError, ValueError) as exc:
         raise RuntimeError(
-            f"Could not read the model configs of `--pretrained_model_name_or_path` "
+            f"Could not read the model configs of `{_flag('pretrained_model_name_or_path')}` "
             f"{pretrained_model_name_or_path!r}: {str(exc).splitlines()[0] if str(exc) else exc!r}. "
-            + offline_hint(pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+            + offline_hint(pretrained_model_name_or_path, _flag("pretrained_model_name_or_path"))
         ) from exc
     scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     sample = unet_cfg["sample_size"]
@@ -180,14 +223,53 @@ def model_geometry(pretrained_model_name_or_path: str) -> tuple[int, int]:
     return scale, int(sample) * scale
 
 
-def check_image_size(height: int, width: int, vae_scale_factor: int) -> None:
-    """Raise ``ValueError`` unless ``height`` and ``width`` are positive multiples of the VAE scale factor and of 8.
+#: The ``pipeline.__call__`` keywords that carry the LoRA scale: SD / SDXL, SD3 / FLUX.1 / Z-Image, FLUX.2 /
+#: Qwen-Image (``{"scale": s}`` in each).
+LORA_SCALE_KEYWORDS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
-    The latents are ``(H / vae_scale_factor, W / vae_scale_factor)``, and diffusers' Stable Diffusion pipelines also
-    reject sizes that are not multiples of 8 (for SD both numbers are 8).
+
+def lora_scale_kwargs(pipe: Any, scale: float) -> dict[str, Any]:
+    """``{keyword: {"scale": scale}}`` for the LoRA-scale keyword that ``pipe.__call__`` takes (derived from its
+    signature, so any diffusers pipeline with one works).
+
+    Raises:
+        ValueError: the pipeline takes none of :data:`LORA_SCALE_KEYWORDS` (naming ``--lora-scale``).
+    """
+    import inspect
+
+    parameters = inspect.signature(pipe.__call__).parameters
+    for keyword in LORA_SCALE_KEYWORDS:
+        if keyword in parameters:
+            return {keyword: {"scale": scale}}
+    raise ValueError(f"`{_flag('lora_scale')}`: {type(pipe).__name__}.__call__ takes none of "
+                     f"{', '.join(LORA_SCALE_KEYWORDS)}, so the LoRA scale cannot be set.")
+
+
+def family_call_kwargs(model: str, run_folder: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Extra ``pipeline.__call__`` arguments of the model family of ``model`` (a base model or a fine-tuned
+    pipeline folder): the text settings the run in ``run_folder`` trained with (``max_sequence_length``, FLUX.2's
+    ``text_encoder_out_layers``, from its ``config.resolved.yaml``), else the family's defaults; ``{}`` for SD /
+    SDXL and for pipelines no training family covers. Reads small JSON / YAML files only.
+    """
+    from persam_dreambooth.training.families import ModelFiles, UnsupportedModelError, family_for_class_name
+
+    try:
+        index = ModelFiles(str(model)).model_index()
+        family = family_for_class_name(str(index.get("_class_name", "")))
+    except (OSError, UnsupportedModelError):
+        return {}
+    return family.generation_kwargs(read_run_config(run_folder) if run_folder is not None else None)
+
+
+def check_image_size(height: int, width: int, vae_scale_factor: int) -> None:
+    """Raise ``ValueError`` unless ``height`` and ``width`` are positive multiples of the size factor and of 8.
+
+    ``vae_scale_factor``: the first value of :func:`model_geometry` (the VAE scale factor, times the patch size for
+    families that pack latents). The latents are ``(H / vae_scale_factor, W / vae_scale_factor)``, and diffusers'
+    Stable Diffusion pipelines also reject sizes that are not multiples of 8 (for SD both numbers are 8).
     """
     step = math.lcm(8, vae_scale_factor)
-    for name, value in (("--height", height), ("--width", width)):
+    for name, value in ((_flag("height"), height), (_flag("width"), width)):
         if value <= 0 or value % step:
             raise ValueError(
                 f"`{name}` must be a positive multiple of {step} (VAE scale factor {vae_scale_factor}; the pipeline "
@@ -217,16 +299,21 @@ def load_pipeline(
     """
     from diffusers import DiffusionPipeline
 
+    from persam_dreambooth.utils.devices import resolve_device
+
     if lora is not None and model is not None:
-        raise ValueError("Pass either `--lora` or `--model`, not both.")
+        raise ValueError(f"Pass either `{_flag('lora')}` or `{_flag('model')}`, not both.")
     torch_dtype = resolve_dtype(dtype)
-    device = resolve_device(device)
+    device = str(resolve_device(device, _flag("device"), prefer_mps=True))
     if model is not None:
-        source, flag = str(find_run_weights(model, "--model").path), "--model"
+        source, flag = str(find_run_weights(model, _flag("model")).path), _flag("model")
     elif pretrained_model_name_or_path:
-        source, flag = str(pretrained_model_name_or_path), "--pretrained_model_name_or_path"
+        source, flag = str(pretrained_model_name_or_path), _flag("pretrained_model_name_or_path")
     else:
-        raise ValueError("`--pretrained_model_name_or_path` is required (or `--model` for a fine-tuned pipeline).")
+        raise ValueError(f"`{_flag('pretrained_model_name_or_path')}` is required (or `{_flag('model')}` for a "
+                         "fine-tuned pipeline).")
+    started = time.monotonic()
+    logger.info("Loading the pipeline %s (%s) ...", source, dtype)  # tens of seconds for a full-size model
     try:
         pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
@@ -235,11 +322,11 @@ def load_pipeline(
             + offline_hint(source, flag)
         ) from exc
     if lora is not None:
-        weights = find_run_weights(lora, "--lora")
+        weights = find_run_weights(lora, _flag("lora"))
         if weights.kind != "lora":
             raise ValueError(
-                f"`--lora` folder {str(weights.path)!r} holds a full pipeline (model_index.json), not LoRA weights; "
-                "pass it as `--model` instead."
+                f"`{_flag('lora')}` folder {str(weights.path)!r} holds a full pipeline (model_index.json), not LoRA "
+                f"weights; pass it as `{_flag('model')}` instead."
             )
         if not hasattr(pipe, "load_lora_weights"):
             raise ValueError(f"The pipeline {type(pipe).__name__} of {source!r} cannot load LoRA weights.")
@@ -247,4 +334,5 @@ def load_pipeline(
         logger.info("Loaded LoRA weights from %s", weights.path)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    logger.info("Pipeline ready on %s in %.0f s", device, time.monotonic() - started)
     return pipe

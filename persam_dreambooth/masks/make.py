@@ -13,8 +13,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,48 +20,35 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from persam_dreambooth.data.images import check_same_size, check_unique_stems, load_image, load_mask
-from persam_dreambooth.masks.overlay import masks_grid
+from persam_dreambooth.data.images import check_unique_stems, load_image
 from persam_dreambooth.masks.store import MaskSet
-from persam_dreambooth.utils.io import atomic_save_image
+from persam_dreambooth.utils.io import atomic_dir, atomic_save_image
+from persam_dreambooth.utils.overlay import masks_grid
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "GRID_NAME", "make_mask_set", "copy_mask_set", "reference_mask_from_prompt", "write_masks_grid", "segmenter_class",
+    "GRID_NAME", "make_mask_set", "copy_mask_set", "write_masks_grid", "segmenter_class",
 ]
 
 GRID_NAME = "masks_grid.jpg"
 
 
 def segmenter_class(method: str) -> Any:
-    """``PerSAM`` or ``PerSAMF`` (same interface: ``set_reference`` / ``set_reference_embedding`` / ``segment``).
+    """``PerSAM`` or ``PerSAMF`` for a mask set's ``mask_method`` (``"persam-f"`` is accepted for ``"persam_f"``).
 
     Raises:
-        ValueError: unknown method.
+        ValueError: unknown method (naming ``mask_method``).
     """
-    if method == "persam":
-        from persam_dreambooth.segmentation.persam import PerSAM
+    from persam_dreambooth.segmentation.methods import segmenter_class as by_name
 
-        return PerSAM
-    if method == "persam_f":
-        from persam_dreambooth.segmentation.persam_f import PerSAMF
-
-        return PerSAMF
-    raise ValueError(f"`mask_method` must be 'persam' or 'persam_f', got {method!r}.")
+    return by_name(method, "mask_method")
 
 
 def _version() -> str:
     from persam_dreambooth import __version__
 
     return __version__
-
-
-def _finish(tmp: Path, out_dir: Path) -> None:
-    """Move the complete temporary set into ``out_dir`` (replacing an older set)."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
 
 
 def make_mask_set(
@@ -89,15 +74,22 @@ def make_mask_set(
         reference_image: the marked photo (may be one of ``images``).
         reference_mask / reference_box / reference_point: exactly one; the box is ``(x0, y0, x1, y1)`` and the
             point ``(x, y)`` in reference-image pixels.
-        method: ``"persam"`` or ``"persam_f"``.
+        method: ``"persam"`` or ``"persam_f"`` (``"persam-f"`` accepted).
         sam: a loaded ``Sam``; otherwise ``load_sam(sam_model_type, sam_checkpoint, device)``.
 
     Raises:
         ValueError: not exactly one reference prompt, an empty reference, or an image where nothing was found.
     """
-    given = [x for x in (reference_mask, reference_box, reference_point) if x is not None]
-    if len(given) != 1:
-        raise ValueError("Give exactly one of `reference_mask`, `reference_box` and `reference_point`.")
+    from persam_dreambooth.segmentation.methods import canonical_method
+    from persam_dreambooth.segmentation.reference_prompt import read_marked_references, set_marked_reference
+
+    method = canonical_method(method, "mask_method")
+    marked = read_marked_references(  # every argument checked before SAM is loaded
+        [reference_image],
+        masks=None if reference_mask is None else [reference_mask],
+        boxes=None if reference_box is None else [reference_box],
+        points=None if reference_point is None else [reference_point],
+    )
     stems = check_unique_stems(images, arg_name="instance images")
     segmenter_cls = segmenter_class(method)
     if sam is None:
@@ -105,22 +97,18 @@ def make_mask_set(
 
         sam = load_sam(sam_model_type, checkpoint=sam_checkpoint, device=device)
     segmenter = segmenter_cls(sam)
-
-    ref_array = load_image(reference_image, "reference_image")
-    reference_score = None
-    if reference_mask is not None:
-        ref_mask = load_mask(reference_mask, "reference_mask")
-        check_same_size(ref_array.shape, ref_mask.shape, "reference_image", "reference_mask")
-        if not ref_mask.any():
-            raise ValueError(f"`reference_mask` {str(reference_mask)!r} is empty (no foreground pixel).")
-    else:
-        ref_mask, reference_score = reference_mask_from_prompt(sam, ref_array, reference_box, reference_point)
-    segmenter.set_reference(ref_array, ref_mask)
+    (shot,) = set_marked_reference(segmenter, marked)  # the reference photo is encoded once
+    reference_score = shot.score
+    ref_pixels = marked[0].image
 
     masks: dict[str, np.ndarray] = {}
     entries: dict[str, Any] = {}
     for path, stem in tqdm(list(zip(images, stems, strict=True)), desc="masks", disable=not progress):
-        result = segmenter.segment(load_image(path, "instance image"))
+        pixels = load_image(path, "instance image")
+        if pixels.shape == ref_pixels.shape and np.array_equal(pixels, ref_pixels):
+            result = segmenter.segment_embedding(shot.embedding)  # the reference photo itself: already encoded
+        else:
+            result = segmenter.segment_embedding(segmenter.encode(pixels, "instance image"))
         if not result.mask.any():
             raise ValueError(
                 f"{method} found no subject in instance image {str(path)!r}: the mask is empty. Check the "
@@ -131,6 +119,7 @@ def make_mask_set(
             "image": str(Path(path).resolve()),
             "score": round(float(result.score), 6),
             "coverage": round(float(result.mask.mean()), 6),
+            "presence": round(float(np.max(result.similarity)), 6),  # peak location confidence (subject present?)
             "points_xy": np.asarray(result.points_xy).astype(int).tolist(),
             "fallbacks": list(getattr(result, "fallbacks", ())),
         }
@@ -153,29 +142,6 @@ def make_mask_set(
         "images": entries,
     }
     return _write_set(out_dir, masks, record, images)
-
-
-def reference_mask_from_prompt(
-    sam: Any, image: np.ndarray, box: Sequence[float] | None = None, point: Sequence[float] | None = None
-) -> tuple[np.ndarray, float]:
-    """Plain SAM's best multimask output for a box ``(x0, y0, x1, y1)`` or a point ``(x, y)``: ``(mask, score)``.
-
-    Raises:
-        ValueError: the prompt lies outside the image, or SAM found nothing there.
-    """
-    from persam_dreambooth.segmentation.persam import PerSAM, mask_from_prompt
-
-    persam = PerSAM(sam)
-    embedding = persam.encode(image, "reference_image")
-    box_xyxy = (float(box[0]), float(box[1]), float(box[2]), float(box[3])) if box is not None else None
-    point_xy = (float(point[0]), float(point[1])) if point is not None else None
-    mask, score = mask_from_prompt(persam.predictor, embedding, box_xyxy=box_xyxy, point_xy=point_xy)
-    if not mask.any():
-        raise ValueError(
-            f"SAM found nothing at the reference {'box' if box is not None else 'point'} "
-            f"{box_xyxy or point_xy}; mark the subject differently or give `reference_mask`."
-        )
-    return mask, score
 
 
 def copy_mask_set(
@@ -204,16 +170,10 @@ def copy_mask_set(
 
 def _write_set(out_dir: str | os.PathLike[str], masks: dict[str, np.ndarray], record: dict[str, Any],
                images: Sequence[str | os.PathLike[str]]) -> MaskSet:
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    """Build the set under a temporary name and put it in place whole, with the umask's ordinary modes."""
+    with atomic_dir(out_dir) as tmp:
         MaskSet.write(tmp, masks, record)
         write_masks_grid(tmp, images, list(masks.values()), list(masks))
-        _finish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return MaskSet.read(out_dir)
 
 
@@ -221,7 +181,7 @@ def write_masks_grid(
     folder: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], masks: Sequence[np.ndarray],
     labels: Sequence[str] | None = None,
 ) -> Path:
-    """Write ``folder/masks_grid.jpg``: each image with its mask tinted red."""
+    """Write ``folder/masks_grid.jpg``: each image with its mask tinted (``utils.overlay.masks_grid``)."""
     arrays = [load_image(p, "instance image") for p in images]
     path = Path(folder) / GRID_NAME
     atomic_save_image(masks_grid(arrays, [np.asarray(m, dtype=bool) for m in masks], labels), path, quality=90)

@@ -1,9 +1,9 @@
-"""Mask operations for training: dilation, feathering, latent-resolution downsampling, coverage, bounding box.
+"""Mask operations for training: dilation, feathering, latent-resolution downsampling, coverage.
 
 Masks here are float tensors in [0, 1] (soft edges are allowed) or bool tensors / arrays. Shapes use ``H, W`` for
 image pixels and ``h, w`` for the latent grid; a leading ``...`` means any number of batch dimensions.
 
-Design (masked_dreambooth.md, Decision 1): the mask follows the image through every geometric transform, is
+Design (docs/design/masked_dreambooth.md, Decision 1): the mask follows the image through every geometric transform, is
 optionally dilated (``mask_dilate_px``) and feathered in image pixels, and reaches latent resolution by *area
 averaging*, so a latent cell half covered by the subject gets weight 0.5 and the mean coverage is preserved.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dilate", "feather", "to_latent_resolution", "coverage", "bbox"]
+__all__ = ["dilate", "feather", "to_latent_resolution", "coverage"]
 
 MaskT = TypeVar("MaskT", torch.Tensor, np.ndarray)
 
@@ -129,20 +129,3 @@ def coverage(mask: torch.Tensor | np.ndarray) -> torch.Tensor:
     """
     flat, lead, _ = _as_float_4d(mask)
     return flat.mean(dim=(1, 2, 3)).reshape(lead)  # (N, 1, H, W) -> (N,) -> (...)
-
-
-def bbox(mask: torch.Tensor | np.ndarray) -> tuple[int, int, int, int] | None:
-    """The tight box ``(x0, y0, x1, y1)`` around the foreground (``x1``, ``y1`` exclusive), or None when empty.
-
-    Args:
-        mask: ``(H, W)`` bool, or float where > 0.5 counts as foreground.
-    """
-    arr = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
-    if arr.ndim != 2:
-        raise ValueError(f"`mask` must have shape (H, W), got {tuple(arr.shape)}.")
-    fg = arr if arr.dtype == bool else arr > 0.5
-    rows = np.flatnonzero(fg.any(axis=1))
-    cols = np.flatnonzero(fg.any(axis=0))
-    if rows.size == 0:
-        return None
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1

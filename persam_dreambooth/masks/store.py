@@ -1,4 +1,4 @@
-"""``MaskSet``: the hand-off between segmentation and training (house style §7.2).
+"""``MaskSet``: the hand-off between segmentation and training.
 
 A mask set is a folder with one mask per instance image, named with the image's stem (``dog1.jpg`` ->
 ``dog1.png``), plus ``masks.json``, a record of how the masks were made (method, reference, SAM model, scores).

@@ -1,4 +1,4 @@
-"""PerSAM's result type and its three-pass cascade on encoded images (persam_method.md §3, Decision 5).
+"""PerSAM's result type and its three-pass cascade on encoded images (docs/design/persam_method.md §3, Decision 5).
 
 * :class:`Segmentation`: what segmenting one image returns (PerSAM and PerSAM-F alike).
 * :func:`location_confidence`: the similarity map of a target vector on an encoded image, at the image's size.
@@ -39,7 +39,7 @@ __all__ = [
     "persam_cascade_batch",
 ]
 
-NUM_STAGES = 3  # one guided pass + two refinements (persam_method.md §3)
+NUM_STAGES = 3  # one guided pass + two refinements (docs/design/persam_method.md §3)
 
 
 class EmptyMaskWarning(UserWarning):
@@ -128,7 +128,7 @@ def persam_cascade(
     similarity: Tensor | None = None,
     guidance: bool = True,
 ) -> Segmentation:
-    """PerSAM's prompts and three decoder passes on one encoded image (persam_method.md §3).
+    """PerSAM's prompts and three decoder passes on one encoded image (docs/design/persam_method.md §3).
 
     1. Location prior: cosine similarity of the target with the image features, upscaled to ``(H, W)``; the arg-max
        pixel is the positive point, the arg-min the negative one.

@@ -62,7 +62,8 @@ class GuidedAttention(Attention):
         attn = attn / math.sqrt(c_per_head)
         attn = torch.softmax(attn, dim=-1)
         # PerSAM's target-guided attention: the prior is added to probabilities (rows summing to 1), then a second
-        # softmax renormalises. Kept exactly as published (persam_method.md §1.1a), not the pre-softmax variant.
+        # softmax renormalises. Kept exactly as published (docs/design/persam_method.md §1.1a), not the pre-softmax
+        # variant.
         attn = torch.softmax(attn + attn_sim, dim=-1)
         out = attn @ v  # (B, heads, N_q, C'/heads)
         return self.out_proj(self._recombine_heads(out))  # (B, heads, N_q, c) -> (B, N_q, C') -> (B, N_q, C)
@@ -166,8 +167,8 @@ class GuidedTwoWayTransformer(TwoWayTransformer):
         image_embedding = image_embedding.flatten(2).permute(0, 2, 1)  # (B, C, h, w) -> (B, h*w, C)
         image_pe = image_pe.flatten(2).permute(0, 2, 1)  # (B, C, h, w) -> (B, h*w, C)
         tokens = point_embedding
-        # Target-semantic prompting, published semantics (persam_method.md §1.1c): the query positional encoding is
-        # T + t, t is added to the queries before every block, and once more to the final query.
+        # Target-semantic prompting, published semantics (docs/design/persam_method.md §1.1c): the query positional
+        # encoding is T + t, t is added to the queries before every block, and once more to the final query.
         query_pe = tokens if target_embedding is None else tokens + target_embedding
         queries = query_pe  # Q0 = T (+ t)
         keys = image_embedding

@@ -4,7 +4,7 @@ Letters: ``C`` feature channels, ``h, w`` the embedding grid, ``H, W`` the origi
 frame (``sam.image_encoder.img_size``), ``h', w'`` the resized image inside that frame (``ResizeLongestSide``).
 Points are ``(x, y)`` = (column, row) in original-image pixels, SAM's convention.
 
-The functions follow ``persam_method.md`` (P5-P7, §3, Decision 3):
+The functions follow ``docs/design/persam_method.md`` (P5-P7, §3, Decision 3):
 
 * :func:`target_embedding` pools the reference features inside the reference cells (mean, or (max + mean)/2), over
   one or several references.
@@ -12,7 +12,7 @@ The functions follow ``persam_method.md`` (P5-P7, §3, Decision 3):
 * :func:`upscale_to_original` brings a grid map to ``(H, W)`` with SAM's mask post-processing geometry.
 * :func:`select_point_prompts` picks the top-k / bottom-k pixels as positive / negative points.
 * :func:`attention_prior` turns the map into the ``attn_sim`` bias of target-guided attention.
-* :func:`box_from_mask` is the tight box of a mask (inclusive pixel indices).
+* :func:`box_from_mask` is SAM's box prompt for a mask (inclusive corner pixels, as published).
 """
 
 from __future__ import annotations
@@ -197,7 +197,11 @@ def attention_prior(
 
 
 def box_from_mask(mask: Tensor) -> Tensor | None:
-    """Tight box ``[x_min, y_min, x_max, y_max]`` of the nonzero pixels (inclusive indices, P7), ``None`` if empty.
+    """SAM's box prompt for a mask: ``[x_min, y_min, x_max, y_max]``, the corner pixels' own indices (P7), or ``None``.
+
+    The published PerSAM prompts SAM with these inclusive corners; the package's bounding-box convention is
+    exclusive (:func:`persam_dreambooth.utils.mask_geometry.bbox`), and this prompt is ``bbox(mask) - (0, 0, 1, 1)``.
+    Kept on the mask's device (no host sync inside the cascade).
 
     Shapes:
         mask ``(H, W)`` -> ``(4,)`` int64.

@@ -1,4 +1,4 @@
-"""PerSAM-F's training losses: dice with +1 smoothing and the sigmoid focal loss (persam_method.md §4.3).
+"""PerSAM-F's training losses: dice with +1 smoothing and the sigmoid focal loss (docs/design/persam_method.md §4.3).
 
 Both take mask **logits** and a binary target of the same shape and are differentiable (autograd). They are the
 definitions the fused fitting in :mod:`~.scale_fit` reproduces in closed form, and what a reader should check it
@@ -47,7 +47,7 @@ def dice_loss(logits: Tensor, target: Tensor, smooth: float = DICE_SMOOTH) -> Te
 def sigmoid_focal_loss(
     logits: Tensor, target: Tensor, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA
 ) -> Tensor:
-    """Sigmoid focal loss of one mask, **mean** over its pixels (persam_method.md §4.3).
+    """Sigmoid focal loss of one mask, **mean** over its pixels (docs/design/persam_method.md §4.3).
 
     Shapes:
         logits, target ``(...)`` (any, the same) -> ``()``; ``target`` is 0/1 (bool or float).

@@ -1,4 +1,6 @@
-"""Several instances of the reference object in one image: segment, suppress, repeat (persam_method.md §9.1).
+"""Several instances of the reference object in one image: segment, suppress, repeat.
+
+Specified in docs/design/persam_method.md §9.1.
 
 The most requested extension of PerSAM (Personalize-SAM issues #9, #24; the author's suggestion there): after an
 instance is found, its pixels are suppressed in the similarity map and the cascade runs again on the suppressed map,
@@ -25,7 +27,8 @@ Suppressing a mask leaves a "halo" of high similarity around it (the map is bili
 grid), which is why a candidate can lead back to a found object; rule 3 turns that into a stop.
 
 Defaults: ``similarity_threshold = 0.65`` (cosine similarity with the target, in [-1, 1]): the value OpenVINO
-Training Extensions' zero-shot visual prompting and Geti's PerSAM use on the same map (persam_method.md §7.2-7.3).
+Training Extensions' zero-shot visual prompting and Geti's PerSAM use on the same map
+(docs/design/persam_method.md §7.2-7.3).
 An absolute cosine is comparable across images and references, unlike a ratio to the first peak. ``overlap_iou =
 0.8``: OTX's duplicate-mask threshold and the community multi-object script's (§4.6).
 """
@@ -40,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from persam_dreambooth.utils.mask_geometry import mask_iou
+
 if TYPE_CHECKING:
     from persam_dreambooth.segmentation.cascade import Segmentation
     from persam_dreambooth.segmentation.predictor import ImageEmbedding
@@ -49,7 +54,6 @@ __all__ = [
     "DEFAULT_SIMILARITY_THRESHOLD",
     "check_instance_args",
     "find_instances",
-    "mask_iou",
     "union_mask",
 ]
 
@@ -76,12 +80,6 @@ def check_instance_args(max_instances: object, similarity_threshold: object, ove
         raise ValueError(f"`similarity_threshold` must be a finite number, got {similarity_threshold!r}.")
     if isinstance(overlap_iou, bool) or not isinstance(overlap_iou, (int, float)) or not 0.0 <= overlap_iou <= 1.0:
         raise ValueError(f"`overlap_iou` must be a number in [0, 1], got {overlap_iou!r}.")
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two ``(H, W)`` bool masks (0.0 when both are empty)."""
-    union = int(np.count_nonzero(a | b))
-    return 0.0 if union == 0 else int(np.count_nonzero(a & b)) / union
 
 
 def union_mask(segmentations: Segmentation | Sequence[Segmentation]) -> np.ndarray:

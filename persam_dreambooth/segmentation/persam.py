@@ -1,4 +1,4 @@
-"""PerSAM: training-free one-shot personalised segmentation with SAM (persam_method.md §3, Decisions 1-5).
+"""PerSAM: training-free one-shot personalised segmentation with SAM (docs/design/persam_method.md §3, Decisions 1-5).
 
     persam = PerSAM(sam)
     persam.set_reference(ref_image, ref_mask)   # encodes the reference once (or lists: several shots)
@@ -8,9 +8,10 @@
 The pieces are separate so that callers can reuse them: :class:`~.predictor.GuidedSamPredictor` encodes images into
 :class:`~.predictor.ImageEmbedding` values and decodes prompts; :meth:`PerSAM.set_reference_embedding`,
 :meth:`PerSAM.segment_embedding` and :meth:`PerSAM.segment_embeddings` accept embeddings computed elsewhere (cached,
-batched); :func:`persam_cascade` runs the three decoder passes for one embedding and one target vector, optionally on
-a caller-given similarity map, and :func:`persam_cascade_batch` runs each pass for several images in one decoder call.
-Several instances: :mod:`~.multi_instance`. PerSAM-F (same interface): :mod:`~.persam_f`.
+batched); :func:`~.cascade.persam_cascade` runs the three decoder passes for one embedding and one target vector,
+optionally on a caller-given similarity map, and :func:`~.cascade.persam_cascade_batch` runs each pass for several
+images in one decoder call. Several instances: :mod:`~.multi_instance`. PerSAM-F (same interface): :mod:`~.persam_f`.
+A reference marked by a box or a click instead of a mask: :mod:`~.reference_prompt`.
 """
 
 from __future__ import annotations
@@ -22,17 +23,13 @@ from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import numpy as np
-import torch
 from segment_anything.modeling import Sam
 from torch import Tensor
 
 from persam_dreambooth.data.images import ImageLike, MaskLike, check_same_size, load_image, load_mask
 from persam_dreambooth.segmentation.cascade import (
-    NUM_STAGES,
-    EmptyMaskWarning,
     Segmentation,
     location_confidence,
-    persam_cascade,
     persam_cascade_batch,
 )
 from persam_dreambooth.segmentation.location_prior import target_embedding
@@ -40,24 +37,11 @@ from persam_dreambooth.segmentation.multi_instance import (
     DEFAULT_OVERLAP_IOU,
     DEFAULT_SIMILARITY_THRESHOLD,
     find_instances,
-    union_mask,
 )
 from persam_dreambooth.segmentation.predictor import GuidedSamPredictor, ImageEmbedding
 from persam_dreambooth.segmentation.reference_mask import ReferenceCells, reference_cells
 
-__all__ = [
-    "NUM_STAGES",
-    "PerSAM",
-    "PerSAMReference",
-    "ReferenceShot",
-    "Segmentation",
-    "EmptyMaskWarning",
-    "location_confidence",
-    "persam_cascade",
-    "persam_cascade_batch",
-    "mask_from_prompt",
-    "union_mask",
-]
+__all__ = ["PerSAM", "PerSAMReference", "ReferenceShot"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,50 +88,6 @@ class PerSAMReference:
     def cells(self) -> ReferenceCells:
         """The first shot's grid cells."""
         return self.shots[0].cells
-
-
-@torch.no_grad()
-def mask_from_prompt(
-    predictor: GuidedSamPredictor,
-    embedding: ImageEmbedding,
-    box_xyxy: tuple[float, float, float, float] | None = None,
-    point_xy: tuple[float, float] | None = None,
-) -> tuple[np.ndarray, float]:
-    """Plain SAM from one box or one positive point: the best (highest predicted IoU) of its three masks.
-
-    Used to make a reference mask when the user gives a box or a click instead of a mask.
-
-    Returns:
-        ``(mask (H, W) bool, predicted IoU)``.
-
-    Raises:
-        ValueError: neither or both prompts given, or the prompt lies outside the image.
-    """
-    if (box_xyxy is None) == (point_xy is None):
-        raise ValueError("Give exactly one of `box_xyxy` and `point_xy`.")
-    height, width = embedding.original_size
-    if box_xyxy is not None:
-        x0, y0, x1, y1 = box_xyxy
-        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            raise ValueError(
-                f"`box_xyxy` must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height} (image W x H = "
-                f"{width} x {height}), got {tuple(box_xyxy)}."
-            )
-        out = predictor.predict(embedding, box=torch.tensor(box_xyxy, dtype=torch.float64), multimask_output=True)
-    else:
-        x, y = point_xy  # type: ignore[misc]
-        if not (0 <= x < width and 0 <= y < height):
-            raise ValueError(
-                f"`point_xy` must satisfy 0 <= x < {width} and 0 <= y < {height} (image W x H = {width} x {height}), "
-                f"got {tuple(point_xy)}."  # type: ignore[arg-type]
-            )
-        out = predictor.predict(
-            embedding, point_coords=torch.tensor([[x, y]], dtype=torch.float64), point_labels=torch.tensor([1]),
-            multimask_output=True,
-        )
-    best = out.best
-    mask = predictor.upscale_mask(out.low_res_logits[best], embedding)
-    return mask.cpu().numpy(), float(out.iou_predictions[best])
 
 
 def _reference_pairs(image: Any, mask: Any) -> tuple[list[Any], list[Any], list[tuple[str, str]], bool]:

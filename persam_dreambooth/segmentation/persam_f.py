@@ -1,4 +1,6 @@
-"""PerSAM-F: PerSAM with two learned weights mixing SAM's three mask scales (persam_method.md §4, Decisions 1, 5, 6).
+"""PerSAM-F: PerSAM with two learned weights mixing SAM's three mask scales.
+
+Specified in docs/design/persam_method.md §4 and its Decisions 1, 5 and 6.
 
     persamf = PerSAMF(sam, steps=1000, lr=1e-3)
     persamf.set_reference(ref_image, ref_mask)   # encodes the reference and fits the weights
@@ -28,6 +30,7 @@ and the weights minimise the mean over shots of their dice + focal losses (one s
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Sequence
@@ -52,7 +55,9 @@ from persam_dreambooth.segmentation.persam import PerSAM, PerSAMReference, Refer
 from persam_dreambooth.segmentation.predictor import GuidedSamPredictor, ImageEmbedding
 from persam_dreambooth.segmentation.scale_fit import ScaleFit, fit_scale_weights
 
-__all__ = ["PerSAMF", "PerSAMFReference", "fit_scale_weights", "persam_f_cascade", "persam_f_cascade_batch"]
+__all__ = ["DEFAULT_LR", "DEFAULT_STEPS", "PerSAMF", "PerSAMFReference", "persam_f_cascade", "persam_f_cascade_batch"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 1000  #: published number of optimizer steps
 DEFAULT_LR = 1e-3  #: published AdamW learning rate
@@ -80,7 +85,7 @@ def persam_f_cascade(
     weights: Tensor,
     similarity: Tensor | None = None,
 ) -> Segmentation:
-    """PerSAM-F's inference on one encoded image (module docstring; persam_method.md §4.5).
+    """PerSAM-F's inference on one encoded image (module docstring; docs/design/persam_method.md §4.5).
 
     Args:
         target: ``(C,)`` raw target (PerSAM-F: ``(max + mean) / 2`` pooling); weights: ``(3,)`` mixing weights.
@@ -233,8 +238,14 @@ class PerSAMF(PerSAM):
             logits.append(self.predictor.upscale(out.low_res_logits, shot.embedding))  # (3, H, W) at original size
             gts.append(torch.from_numpy(shot.mask))
             points.append(point.cpu().numpy())
+        pixels = sum(int(g.numel()) for g in gts)
+        logger.info("PerSAM-F: fitting the scale weights (%d steps on %d reference(s), %.2f Mpx)", self.steps,
+                    len(shots), pixels / 1e6)
+        start = time.perf_counter()
         fit: ScaleFit = fit_scale_weights(logits if len(shots) > 1 else logits[0], gts if len(shots) > 1 else gts[0],
                                           self.steps, self.lr)
+        logger.info("PerSAM-F: scale weights fitted in %.1f s: %s", time.perf_counter() - start,
+                    ", ".join(f"{float(w):.3f}" for w in fit.weights))
         return PerSAMFReference(shots=shots, target=target, weights=fit.weights, losses=fit.losses,
                                 points_xy=tuple(points))
 

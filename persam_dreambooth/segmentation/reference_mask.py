@@ -1,4 +1,4 @@
-"""Which embedding-grid cells belong to the reference object (persam_method.md Decision 2, P4).
+"""Which embedding-grid cells belong to the reference object (docs/design/persam_method.md Decision 2, P4).
 
 The published code runs its (128, 0, 0)-coloured annotation through SAM's *image* preprocessing (resize, pixel-mean
 normalisation, zero padding), samples it bilinearly onto the grid and keeps the cells whose red value is above 0 after
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
-__all__ = ["REFERENCE_CELL_THRESHOLD", "ReferenceCells", "SmallReferenceWarning", "reference_cells"]
+__all__ = ["REFERENCE_CELL_THRESHOLD", "ReferenceCells", "SmallReferenceWarning", "cell_coverage", "fallback_cell",
+           "reference_cells"]
 
 #: A grid cell is "target" when the resampled [0, 1] mask exceeds this value. It is 123.675 / 128: PerSeg masks have
 #: foreground value 128 and the published code keeps a cell when the resampled value exceeds SAM's red pixel mean
@@ -59,7 +60,8 @@ def reference_cells(
     antialiased when shrinking, the same rounding of the target size) and scale it to [0, 1]; zero-pad to
     ``frame_size`` x ``frame_size``; resample bilinearly (align_corners=False, no antialias) to ``grid_size``;
     threshold at :data:`REFERENCE_CELL_THRESHOLD`.
-    If no cell passes, the cell with the highest value is used and a :class:`SmallReferenceWarning` is issued.
+    If no cell passes, the one cell of :func:`fallback_cell` (largest mask coverage) is used and a
+    :class:`SmallReferenceWarning` is issued.
 
     Raises:
         ValueError: the mask is not 2-D or has no foreground pixel.
@@ -82,27 +84,51 @@ def reference_cells(
     cells = values > REFERENCE_CELL_THRESHOLD
     fallback = not bool(cells.any())
     if fallback:
-        # the cell with the highest resampled value; if every value is 0 (the object misses the few pixels the
-        # resampling reads in each cell, or vanished in the 8-bit resize), the cell holding most of the object
-        score = values if float(values.max()) > 0 else _coverage(mask, (new_h, new_w), frame_size, grid_size)
-        row, col = divmod(int(score.argmax()), score.shape[1])
+        row, col = fallback_cell(mask, frame_size, grid_size)  # the cell holding most of the object
+        score = cell_coverage(mask, frame_size, grid_size)
         cells = torch.zeros_like(cells)
         cells[row, col] = True
         message = (
             f"`{arg_name}`: the reference object ({int(mask.sum())} pixels) covers no whole embedding cell "
             f"(grid {tuple(grid_size)}, each cell ~{frame_size // grid_size[0]} px of the resized image); using the "
-            f"single best cell (row {row}, col {col}, score {float(score[row, col]):.3f}). Results may be poor: "
-            "use a larger reference object or a closer crop."
+            f"cell holding most of it (row {row}, col {col}, coverage {float(score[row, col]):.3f}). Results may be "
+            "poor: use a larger reference object or a closer crop."
         )
         warnings.warn(message, SmallReferenceWarning, stacklevel=3)
     return ReferenceCells(cells=cells, values=values, fallback=fallback)
 
 
-def _coverage(
-    mask: np.ndarray, input_size: tuple[int, int], frame_size: int, grid_size: Sequence[int]
-) -> torch.Tensor:
-    """The fraction of each grid cell's patch covered by the (float-resized, zero-padded) mask: ``(h, w)``."""
-    new_h, new_w = input_size
+def fallback_cell(mask: np.ndarray, frame_size: int, grid_size: Sequence[int]) -> tuple[int, int]:
+    """The embedding cell for a reference too small for the cell rule: the one the mask covers most.
+
+    Coverage is area pooling of the mask resized like SAM's input (``ResizeLongestSide(frame_size)``, float bilinear,
+    so faint pixels are kept) and zero-padded to ``frame_size`` x ``frame_size``, onto the ``grid_size`` grid; ties go
+    to the first cell in row-major order. One rule for images and video (``docs/design/persam_method.md``, Decision 2).
+    Bilinear samples of the grid resampling are not used: they read only the few pixels at each cell's centre, so
+    a tiny object off-centre would lose to a sliver that touches another cell's centre.
+
+    Args:
+        mask: ``(H, W)`` bool, non-empty. frame_size: SAM's input side (1024). grid_size: ``(h, w)`` embedding grid.
+
+    Returns:
+        ``(row, col)`` of the cell.
+    """
+    if mask.ndim != 2 or not mask.any():
+        raise ValueError(f"`mask` must be a non-empty (H, W) mask, got shape {tuple(mask.shape)} with "
+                         f"{int(np.count_nonzero(mask))} foreground pixels.")
+    score = cell_coverage(mask, frame_size, grid_size)  # (h, w)
+    row, col = divmod(int(score.argmax()), score.shape[1])  # argmax: the first maximum in row-major order
+    return row, col
+
+
+def cell_coverage(mask: np.ndarray, frame_size: int, grid_size: Sequence[int]) -> torch.Tensor:
+    """The fraction of each grid cell's patch covered by the mask, resized like SAM's input (float bilinear) and
+    zero-padded to ``frame_size`` x ``frame_size`` (area pooling; images and video, Decision 2).
+
+    Shapes:
+        mask ``(H, W)`` bool -> ``(h, w)`` float32 in [0, 1] for ``grid_size = (h, w)``.
+    """
+    new_h, new_w = ResizeLongestSide.get_preprocess_shape(mask.shape[0], mask.shape[1], frame_size)
     as_float = Image.fromarray(mask.astype(np.float32))  # (H, W) 0/1, mode "F": no rounding of faint pixels
     resized = np.array(as_float.resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32)  # (h', w')
     del as_float

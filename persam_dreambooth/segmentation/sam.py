@@ -17,6 +17,7 @@ import hashlib
 import http.client
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
+from persam_dreambooth.utils.devices import resolve_device
 from persam_dreambooth.utils.io import atomic_path, file_sha256
 
 __all__ = [
@@ -41,7 +43,6 @@ __all__ = [
     "download_checkpoint",
     "load_sam",
     "register_sam_builder",
-    "resolve_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -231,25 +232,6 @@ def _verify_cached(path: Path, sha256: str, url: str) -> None:
     _write_verified_stamp(path, sha256)
 
 
-def resolve_device(device: str | torch.device | None, arg_name: str = "device") -> torch.device:
-    """``None`` -> ``cuda`` when available, else ``cpu``; otherwise validate ``device``.
-
-    Raises:
-        ValueError: ``device`` is not a torch device, or names CUDA/MPS that this machine does not have.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"`{arg_name}` must be a torch device such as 'cpu' or 'cuda', got {device!r}.") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`{arg_name}` is {device!r} but CUDA is not available on this machine; use 'cpu'.")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"`{arg_name}` is {device!r} but MPS is not available on this machine; use 'cpu'.")
-    return dev
-
-
 def _entry(model_type: str) -> SamBuilder:
     if model_type not in SAM_BUILDERS:
         raise ValueError(
@@ -258,16 +240,26 @@ def _entry(model_type: str) -> SamBuilder:
     return SAM_BUILDERS[model_type]
 
 
-def _read_state_dict(path: Path, model_type: str) -> dict[str, Any]:
+def _one_line(exc: Exception, limit: int = 300) -> str:
+    """The gist of an exception's (often multi-line) message on one line: for torch's "Weights only load failed"
+    essay, only the unpickler's reason (its advice to load with ``weights_only=False`` is not one to follow)."""
+    text = " ".join(str(exc).split())
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0].strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_state_dict(path: Path, model_type: str, arg_name: str = "checkpoint") -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, unsafe globals: all mean "not a usable checkpoint"
         raise ValueError(
-            f"`checkpoint` {str(path)!r} could not be read as a SAM {model_type!r} checkpoint: {exc}"
+            f"`{arg_name}` {str(path)!r} could not be read as a SAM {model_type!r} checkpoint (a state dict saved "
+            f"with torch.save; is the file truncated or in another format?): {_one_line(exc)}"
         ) from exc
     if not isinstance(state, dict):
         raise ValueError(
-            f"`checkpoint` {str(path)!r} must hold a state dict (name -> tensor), got {type(state).__name__}."
+            f"`{arg_name}` {str(path)!r} must hold a state dict (name -> tensor), got {type(state).__name__}."
         )
     return state
 
@@ -276,6 +268,8 @@ def load_sam(
     model_type: str = "vit_h",
     checkpoint: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
+    *,
+    arg_name: str = "checkpoint",
 ) -> Sam:
     """Build SAM ``model_type`` and load its weights; return it in eval mode on ``device``.
 
@@ -284,6 +278,7 @@ def load_sam(
         checkpoint: a state-dict file to load (``torch.load(weights_only=True)``, no checksum). ``None``: the
             official checkpoint, downloaded once into :func:`default_checkpoint_path` and verified (SHA-256).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when available.
+        arg_name: how errors name ``checkpoint`` (a command passes its flag, e.g. ``--sam-checkpoint``).
 
     Raises:
         ValueError: unknown ``model_type`` (the message lists the valid ones), a bad ``device``, or a checkpoint that
@@ -303,18 +298,22 @@ def load_sam(
     else:
         path = Path(checkpoint)
         if not path.exists():
-            raise FileNotFoundError(f"`checkpoint` file {str(path)!r} for SAM {model_type!r} does not exist.")
+            raise FileNotFoundError(f"`{arg_name}` file {str(path)!r} for SAM {model_type!r} does not exist.")
         if not path.is_file():
-            raise ValueError(f"`checkpoint` must be a file, but {str(path)!r} is a folder.")
-    state = _read_state_dict(path, model_type)
+            raise ValueError(f"`{arg_name}` must be a file, but {str(path)!r} is a folder.")
+    logger.info("loading SAM %s from %s onto %s", model_type, path, dev)
+    start = time.perf_counter()
+    state = _read_state_dict(path, model_type, arg_name)
     sam = entry.build()
     try:
         sam.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # missing/unexpected keys, size mismatches
         summary = str(exc).splitlines()
         raise ValueError(
-            f"`checkpoint` {str(path)!r} does not fit the SAM {model_type!r} architecture (is it another model "
+            f"`{arg_name}` {str(path)!r} does not fit the SAM {model_type!r} architecture (is it another model "
             f"type?): {' '.join(s.strip() for s in summary[:3])[:400]}"
         ) from exc
     del state
-    return sam.to(dev).eval()
+    sam = sam.to(dev).eval()
+    logger.info("SAM %s loaded in %.1f s", model_type, time.perf_counter() - start)
+    return sam

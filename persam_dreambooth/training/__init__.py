@@ -18,8 +18,9 @@ from typing import Any
 from persam_dreambooth.training.config import ConfigError, TrainConfig
 
 _LAZY = {
-    "train": "persam_dreambooth.training.loop",
-    "TrainingDivergedError": "persam_dreambooth.training.driver",
+    "train": "persam_dreambooth.training.recipe",
+    "TrainingDivergedError": "persam_dreambooth.training.loop",
+    "detect_family": "persam_dreambooth.training.families",
     "masked_diffusion_loss": "persam_dreambooth.training.losses",
     "min_snr_weights": "persam_dreambooth.training.losses",
     "add_train_arguments": "persam_dreambooth.training.args",

@@ -56,8 +56,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--config", default=None, metavar="FILE",
         help="YAML or TOML file with TrainConfig keys (unknown keys are errors); flags override it.",
     )
-    add_dataclass_arguments(parser, TrainConfig, skip=tuple(_COORDINATES))
+    add_dataclass_arguments(parser, TrainConfig, skip=(*_COORDINATES, "instance_video"))
     helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig)}
+    parser.add_argument("--instance_video", action="append", default=None, metavar="FILE",
+                        help=f"{helps['instance_video']} (default: None)")
     for name, form in _COORDINATES.items():
         parser.add_argument(
             f"--{name}", nargs="+", type=_coordinate_type(name, form), default=None, metavar=form.upper(),

@@ -13,13 +13,14 @@ import hashlib
 import logging
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
+from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
 from persam_dreambooth.data.images import IMAGE_EXTENSIONS
 from persam_dreambooth.training.config import TrainConfig
+from persam_dreambooth.training.families import BaseModelInfo
 from persam_dreambooth.training.rng import derive_seed
 from persam_dreambooth.utils.io import atomic_save_image, ensure_output_dir
 
@@ -60,10 +61,12 @@ def _generation_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     return {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def ensure_class_images(config: TrainConfig, accelerator: Any, seed: int) -> list[Path]:
+def ensure_class_images(config: TrainConfig, accelerator: Accelerator | PartialState, seed: int,
+                        info: BaseModelInfo | None = None) -> list[Path]:
     """Make sure ``class_data_dir`` holds ``num_class_images`` images; return the ones to train with.
 
-    Every process must call it; each generates its share of the missing images.
+    Every process must call it; each generates its share of the missing images with the model family's pipeline
+    (``info``: the inspected base model; inspected here when None).
     """
     assert config.class_data_dir is not None and config.class_prompt is not None
     folder = ensure_output_dir(config.class_data_dir, "class_data_dir")
@@ -74,13 +77,18 @@ def ensure_class_images(config: TrainConfig, accelerator: Any, seed: int) -> lis
         return existing[: config.num_class_images]
     indices = _free_indices(existing, missing)
     logger.info("Generating %d class images for %r in %s", missing, config.class_prompt, folder)
-    from diffusers import DiffusionPipeline
+    from persam_dreambooth.training.components import family_of, inspect_base_model
 
+    info = info or inspect_base_model(config)
+    family = family_of(info)
     device = accelerator.device
     dtype = _generation_dtype(config, device)
-    pipe = DiffusionPipeline.from_pretrained(
-        config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
-        dtype=dtype, **_no_safety_checker(config),
+    extra = family.pipeline_overrides(None, config)
+    if config.pretrained_vae_model_name_or_path:
+        extra["vae"] = family.component_class(info, "vae").from_pretrained(
+            config.pretrained_vae_model_name_or_path, revision=config.revision, dtype=dtype)
+    pipe = family.pipeline_class().from_pretrained(
+        config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant, dtype=dtype, **extra,
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
@@ -89,9 +97,11 @@ def ensure_class_images(config: TrainConfig, accelerator: Any, seed: int) -> lis
     for batch in tqdm(batches, desc="class images", disable=not accelerator.is_local_main_process):
         generators = [torch.Generator(device).manual_seed(derive_seed(seed, index, 0xC1A55)) for index in batch]
         with torch.no_grad():
+            # prompt= by keyword: some pipelines' first argument is not the prompt (Flux2KleinPipeline's is `image`).
             images = pipe(
-                [config.class_prompt] * len(batch), generator=generators, height=config.resolution,
+                prompt=[config.class_prompt] * len(batch), generator=generators, height=config.resolution,
                 width=config.resolution, num_inference_steps=config.class_generation_steps,
+                **family.pipeline_kwargs(config),
             ).images
         for index, image in zip(batch, images, strict=True):
             digest = hashlib.sha1(image.tobytes()).hexdigest()[:16]
@@ -101,13 +111,3 @@ def ensure_class_images(config: TrainConfig, accelerator: Any, seed: int) -> lis
         torch.cuda.empty_cache()
     accelerator.wait_for_everyone()
     return existing_class_images(folder)[: config.num_class_images]
-
-
-def _no_safety_checker(config: TrainConfig) -> dict[str, Any]:
-    """Skip loading a safety checker (about 1.2 GB for SD 1.x): class images are never shown to anyone."""
-    from diffusers import DiffusionPipeline
-
-    index = DiffusionPipeline.load_config(config.pretrained_model_name_or_path, revision=config.revision)
-    if "safety_checker" in index:
-        return {"safety_checker": None, "requires_safety_checker": False}
-    return {}

@@ -1,12 +1,12 @@
-"""LoRA adapters via peft on the UNet (and optionally the text encoder), saved in diffusers' format.
+"""LoRA adapters via peft on the denoiser (and optionally text encoders), saved in the family pipeline's format.
 
-* :func:`add_unet_lora` / :func:`add_text_encoder_lora` attach ``LoraConfig`` adapters named ``"default"``.
-* :func:`save_lora` writes ``pytorch_lora_weights.safetensors`` with keys ``unet.*`` / ``text_encoder.*`` exactly as
-  ``StableDiffusionLoraLoaderMixin.save_lora_weights`` does (it is what writes them), so
-  ``pipe.load_lora_weights(folder)`` works unchanged. Rank and alpha travel in the file's metadata.
+* :func:`add_denoiser_lora` / :func:`add_text_encoder_lora` attach ``LoraConfig`` adapters named ``"default"``.
+* :func:`save_lora` writes ``pytorch_lora_weights.safetensors`` through the family pipeline's own
+  ``save_lora_weights`` (keys ``unet.*`` / ``transformer.*`` / ``text_encoder.*``...), so
+  ``Pipeline.load_lora_weights(folder)`` works unchanged. Rank and alpha travel in the file's metadata.
 * :func:`load_lora` reads such a file back into the adapters (resume from a checkpoint).
 
-The text encoder gets its adapter through ``peft.inject_adapter_in_model``: transformers' own ``add_adapter`` asks
+Text encoders get their adapter through ``peft.inject_adapter_in_model``: transformers' own ``add_adapter`` asks
 for a newer peft than the one pinned here, and ``inject_adapter_in_model`` is what diffusers' loader uses too.
 """
 
@@ -15,11 +15,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.utils import (
     convert_state_dict_to_diffusers,
     convert_state_dict_to_peft,
@@ -28,9 +27,12 @@ from diffusers.utils import (
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from persam_dreambooth.training.families.base import ModelFamily
+from persam_dreambooth.utils.io import fix_permissions
+
 __all__ = [
-    "LORA_WEIGHT_NAME", "make_lora_config", "check_targets", "add_unet_lora", "add_text_encoder_lora", "save_lora",
-    "load_lora",
+    "LORA_WEIGHT_NAME", "make_lora_config", "check_targets", "add_denoiser_lora", "add_text_encoder_lora",
+    "save_lora", "load_lora",
 ]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -57,68 +59,64 @@ def check_targets(model: torch.nn.Module, targets: Sequence[str], arg_name: str)
         )
 
 
-def add_unet_lora(
-    unet: torch.nn.Module, rank: int, alpha: float, dropout: float, target_modules: Sequence[str]
+def add_denoiser_lora(
+    denoiser: torch.nn.Module, rank: int, alpha: float, dropout: float, target_modules: Sequence[str]
 ) -> LoraConfig:
-    """Attach LoRA to the UNet's ``target_modules`` (freezes nothing; call after ``requires_grad_(False)``)."""
-    check_targets(unet, target_modules, "lora_target_modules")
+    """Attach LoRA to the UNet's / transformer's ``target_modules`` (call after ``requires_grad_(False)``)."""
+    check_targets(denoiser, target_modules, "lora_target_modules")
     config = make_lora_config(rank, alpha, dropout, target_modules)
-    unet.add_adapter(config)
+    denoiser.add_adapter(config)
     return config
 
 
 def add_text_encoder_lora(
     text_encoder: torch.nn.Module, rank: int, alpha: float, dropout: float, target_modules: Sequence[str]
 ) -> LoraConfig:
-    """Attach LoRA to the text encoder's attention projections."""
+    """Attach LoRA to a text encoder's ``target_modules`` (CLIP's attention projections by default)."""
     check_targets(text_encoder, target_modules, "text_encoder_lora_target_modules")
     config = make_lora_config(rank, alpha, dropout, target_modules)
     inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER)
     return config
 
 
-def lora_state_dicts(
-    unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """The adapters' weights in diffusers key format (no ``unet.`` / ``text_encoder.`` prefix yet)."""
-    unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
-    te_sd = None
-    if text_encoder is not None:
-        te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER))
-    return unet_sd, te_sd
+def _cpu_f32(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
 
 
 def save_lora(
     folder: str | os.PathLike[str],
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None = None,
-    unet_config: LoraConfig | None = None,
-    text_encoder_config: LoraConfig | None = None,
+    family: ModelFamily,
+    denoiser: torch.nn.Module,
+    text_encoders: Mapping[str, torch.nn.Module] | None = None,
+    denoiser_config: LoraConfig | None = None,
+    text_encoder_configs: Mapping[str, LoraConfig] | None = None,
 ) -> Path:
     """Write ``folder/pytorch_lora_weights.safetensors`` atomically (a temporary folder, then a rename).
+
+    Args:
+        family: whose pipeline's ``save_lora_weights`` writes the file.
+        denoiser: the UNet / transformer with its adapter. text_encoders: trained text encoders with adapters, by
+            component name. denoiser_config / text_encoder_configs: their ``LoraConfig`` (rank and alpha travel in
+            the file's metadata).
 
     Returns:
         The path of the weights file.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    unet_sd, te_sd = lora_state_dicts(unet, text_encoder)
-    unet_sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet_sd.items()}
-    if te_sd is not None:
-        te_sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in te_sd.items()}
+    denoiser_sd = get_peft_model_state_dict(denoiser, adapter_name=ADAPTER)
+    if family.denoiser_lora_in_diffusers_format:
+        denoiser_sd = convert_state_dict_to_diffusers(denoiser_sd)
+    te_sds = {name: _cpu_f32(convert_state_dict_to_diffusers(get_peft_model_state_dict(te, adapter_name=ADAPTER)))
+              for name, te in (text_encoders or {}).items()}
+    metadata = {name: cfg.to_dict() for name, cfg in (text_encoder_configs or {}).items() if name in te_sds}
+    if denoiser_config is not None:
+        metadata[family.denoiser_name] = denoiser_config.to_dict()
     tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=folder))
     try:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp,
-            unet_lora_layers=unet_sd,
-            text_encoder_lora_layers=te_sd,
-            unet_lora_adapter_metadata=unet_config.to_dict() if unet_config is not None else None,
-            text_encoder_lora_adapter_metadata=(
-                text_encoder_config.to_dict() if text_encoder_config is not None and te_sd else None
-            ),
-            weight_name=LORA_WEIGHT_NAME,
-        )
+        family.save_lora(tmp, _cpu_f32(denoiser_sd), te_sds, metadata, LORA_WEIGHT_NAME)
         target = folder / LORA_WEIGHT_NAME
+        fix_permissions(tmp / LORA_WEIGHT_NAME)  # a deliverable: the umask's mode, not the temporary folder's
         os.replace(tmp / LORA_WEIGHT_NAME, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,7 +124,10 @@ def save_lora(
 
 
 def load_lora(
-    folder: str | os.PathLike[str], unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None
+    folder: str | os.PathLike[str],
+    family: ModelFamily,
+    denoiser: torch.nn.Module,
+    text_encoders: Mapping[str, torch.nn.Module] | None = None,
 ) -> None:
     """Copy the weights of ``folder/pytorch_lora_weights.safetensors`` into the existing adapters (in place).
 
@@ -137,16 +138,17 @@ def load_lora(
     path = Path(folder) / LORA_WEIGHT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA weights {str(path)!r} to resume from.")
-    state_dict, _ = StableDiffusionPipeline.lora_state_dict(str(folder), weight_name=LORA_WEIGHT_NAME)
-    unet_sd = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_sd), adapter_name=ADAPTER)
-    _check_load(result, "unet", path)
-    if text_encoder is not None:
-        te_sd = {k.removeprefix("text_encoder."): v for k, v in state_dict.items() if k.startswith("text_encoder.")}
+    state_dict = family.read_lora(folder, LORA_WEIGHT_NAME)
+    prefix = family.denoiser_name + "."
+    denoiser_sd = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(denoiser_sd), adapter_name=ADAPTER)
+    _check_load(result, family.denoiser_name, path)
+    for name, text_encoder in (text_encoders or {}).items():
+        te_sd = {k.removeprefix(name + "."): v for k, v in state_dict.items() if k.startswith(name + ".")}
         if not te_sd:
-            raise ValueError(f"{str(path)!r} holds no text-encoder LoRA weights, but the text encoder is trained.")
+            raise ValueError(f"{str(path)!r} holds no {name} LoRA weights, but {name} is trained.")
         peft_sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(te_sd))
-        _check_load(set_peft_model_state_dict(text_encoder, peft_sd, adapter_name=ADAPTER), "text_encoder", path)
+        _check_load(set_peft_model_state_dict(text_encoder, peft_sd, adapter_name=ADAPTER), name, path)
 
 
 def _check_load(result, component: str, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The masked diffusion loss and Min-SNR weighting (masked_dreambooth.md, Decision 2).
+"""The masked diffusion loss and Min-SNR weighting (docs/design/masked_dreambooth.md, Decision 2).
 
 Notation: ``l = (pred - target)^2`` elementwise on latents ``(B, C, h, w)``; ``m`` the latent mask ``(B, 1, h, w)``
 in [0, 1]; ``bw`` the background weight. The per-pixel weight is ``w = bw + (1 - bw) * m`` and

@@ -1,23 +1,71 @@
-"""Overlay pictures: the photo with the similarity heat-map, the mask and the point prompts drawn over it.
+"""Masks drawn over photos: the one place that tints a mask (one colour, :data:`MASK_TINT`, everywhere).
 
-Pure PIL/numpy (no matplotlib figure is created, so nothing accumulates over long runs). Large photos are drawn at a
-reduced size (long side at most ``max_side``) to keep memory and file size small.
+* :func:`overlay_mask`: the photo with its mask tinted and outlined, same size (contact sheets, report thumbnails).
+* :func:`masks_grid`: a contact sheet of such overlays (``masks/masks_grid.jpg``), laid out by :mod:`.grids`.
+* :func:`draw_overlay`: the PerSAM picture: the similarity heat-map, the tinted mask, the point prompts and the box,
+  downscaled so its long side is at most ``max_side`` (``<stem>_overlay.jpg`` of ``segment``, ``eval-perseg``).
+
+Pure PIL/numpy (no matplotlib figure is created, so nothing accumulates over long runs).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["OVERLAY_MAX_SIDE", "draw_overlay"]
+from persam_dreambooth.utils.grids import tile_grid
+
+__all__ = ["MASK_ALPHA", "MASK_TINT", "OVERLAY_MAX_SIDE", "draw_overlay", "masks_grid", "overlay_mask", "tint_mask"]
 
 OVERLAY_MAX_SIDE = 2048  # overlays of larger photos are downscaled to this long side
 
-_MASK_RGB = np.array([30, 144, 255], dtype=np.float32)  # mask tint (dodger blue)
+MASK_TINT = (255, 40, 40)  #: the RGB colour every mask is tinted with (red)
+MASK_ALPHA = 0.45  #: the tint's opacity: pixel = (1 - alpha) * photo + alpha * tint
+_TINT = np.array(MASK_TINT, dtype=np.float32)
 _OUTLINE_RGB = (255, 255, 255)
 _POSITIVE_RGB = (0, 220, 0)
 _NEGATIVE_RGB = (230, 0, 0)
+
+
+def tint_mask(canvas: np.ndarray, mask: np.ndarray, alpha: float = MASK_ALPHA) -> np.ndarray:
+    """Blend :data:`MASK_TINT` into ``canvas`` where ``mask`` is set, in place; returns ``canvas``.
+
+    Shapes:
+        ``canvas (H, W, 3) float32``, ``mask (H, W) bool``.
+    """
+    canvas[mask] = (1 - alpha) * canvas[mask] + alpha * _TINT
+    return canvas
+
+
+def overlay_mask(image: np.ndarray, mask: np.ndarray, alpha: float = MASK_ALPHA) -> np.ndarray:
+    """Tint the mask over the image and outline it in the tint colour.
+
+    Shapes:
+        ``image (H, W, 3) uint8``, ``mask (H, W) bool`` -> ``(H, W, 3) uint8``.
+    """
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"`mask` must have shape (H, W) == image {image.shape[:2]}, got {mask.shape}.")
+    out = tint_mask(image.astype(np.float32), mask, alpha)
+    # Outline: mask pixels with a 4-neighbour outside the mask (borders count as outside).
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]  # (H, W) all neighbours in
+    out[mask & ~inner] = _TINT
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def masks_grid(
+    images: Sequence[np.ndarray], masks: Sequence[np.ndarray], labels: Sequence[str] | None = None,
+    tile: int = 256, cols: int | None = None,
+) -> Image.Image:
+    """Each image with its mask overlaid, scaled to ``tile`` px (longer side), in a near-square grid with labels."""
+    if len(images) != len(masks) or not images:
+        raise ValueError(f"need as many masks as images (>= 1), got {len(images)} images and {len(masks)} masks.")
+    overlays = [Image.fromarray(overlay_mask(image, mask)) for image, mask in zip(images, masks, strict=True)]
+    captions = [str(label) for label in labels] if labels is not None else None
+    return tile_grid(overlays, cols=cols, captions=captions, tile_size=tile)
 
 
 def _heat_lut() -> np.ndarray:
@@ -47,13 +95,13 @@ def draw_overlay(
     box_xyxy: ArrayLike | None = None,
     max_side: int = OVERLAY_MAX_SIDE,
     heat_alpha: float = 0.35,
-    mask_alpha: float = 0.45,
+    mask_alpha: float = MASK_ALPHA,
 ) -> Image.Image:
     """Draw the overlay picture.
 
     Args:
         image: ``(H, W, 3)`` uint8 RGB photo.
-        mask: ``(H, W)`` bool mask, tinted and outlined.
+        mask: ``(H, W)`` bool mask, tinted (:data:`MASK_TINT`) and outlined in white.
         points_xy: ``(N, 2)`` points ``(x, y)`` in original pixels; point_labels ``(N,)`` 1 (green disc) / 0 (red X).
         similarity: ``(H, W)`` float map, min-max scaled and drawn as a heat-map under the mask.
         box_xyxy: ``(4,)`` box ``[x0, y0, x1, y1]`` in original pixels, drawn as a yellow rectangle.
@@ -79,7 +127,7 @@ def draw_overlay(
     if mask_img.size != size:
         mask_img = mask_img.resize(size, Image.Resampling.NEAREST)
     small_mask = np.asarray(mask_img) > 0
-    canvas[small_mask] = canvas[small_mask] * (1 - mask_alpha) + _MASK_RGB * mask_alpha
+    tint_mask(canvas, small_mask, mask_alpha)
     out = Image.fromarray(np.clip(np.round(canvas), 0, 255).astype(np.uint8))
     # outline: mask minus its erosion
     dilated = np.asarray(mask_img.filter(ImageFilter.MaxFilter(3)))

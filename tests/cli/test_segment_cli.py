@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -44,8 +46,8 @@ def run(data, ckpt, *extra, prompt=("--ref-mask",), images=None, output="out"):
 def test_mask_reference_end_to_end(data, tiny_sam_checkpoint):
     assert run(data, tiny_sam_checkpoint) == 0
     out = data / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["00.png", "00_overlay.jpg", "01.png", "01_overlay.jpg",
-                                                     "results.jsonl", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".persam.lock", "00.png", "00_overlay.jpg", "01.png",
+                                                     "01_overlay.jpg", "results.jsonl", "run.json"]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["stem"] for r in rows] == ["00", "01"]
     for row in rows:
@@ -192,6 +194,33 @@ def test_wrong_architecture_checkpoint_writes_nothing(data, tmp_path, capsys):
     other = tmp_path / "other.pth"
     torch.save(tiny.tiny_sam(dim=48).state_dict(), other)
     expect_error(capsys, data, other, "does not fit the SAM 'tiny' architecture")
+
+
+@pytest.mark.parametrize("damage", ["other architecture", "not a checkpoint"])
+def test_bad_checkpoint_errors_name_the_flag_not_the_parameter(data, tmp_path, capsys, damage):
+    bad = tmp_path / "bad.pth"
+    if damage == "other architecture":
+        torch.save(tiny.tiny_sam(dim=48).state_dict(), bad)
+    else:
+        bad.write_bytes(b"not a pickle")
+    err = expect_error(capsys, data, bad, f"`--sam-checkpoint` {str(bad)!r}")
+    assert "`checkpoint`" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_umask_modes(data, tiny_sam_checkpoint, umask):
+    """Masks, overlays, results.jsonl, run.json and the folder: the modes ``open``/``mkdir`` give (issue 10)."""
+    old = os.umask(umask)
+    try:
+        assert run(data, tiny_sam_checkpoint, prompt=("--ref-box", "30,20,100,80")) == 0
+    finally:
+        os.umask(old)
+    out = data / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    names = sorted(p.name for p in out.iterdir())
+    assert {"00.png", "00_overlay.jpg", "reference_mask.png", "results.jsonl", "run.json"} <= set(names)
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
 
 
 def test_unavailable_device(data, tiny_sam_checkpoint, capsys):

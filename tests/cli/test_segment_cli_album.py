@@ -151,7 +151,6 @@ BAD_FLAGS = [
     (["--overlap-iou", "0.5"], "`--overlap-iou` '0.5' applies only to several instances"),
     (["--max-instances", "2", "--similarity-threshold", "1.5"],
      "`--similarity-threshold` must be a number in [-1, 1], got '1.5'"),
-    (["--max-instances", "2", "--overlap-iou", "nan"], "`--overlap-iou` must be a number in [0, 1], got 'nan'"),
     (["--max-instances", "2", "--overlap-iou", "-0.1"], "`--overlap-iou` must be a number in [0, 1], got '-0.1'"),
 ]
 
@@ -161,6 +160,17 @@ def test_bad_new_flags_name_flag_and_value_and_write_nothing(data, tiny_sam_chec
     assert run(data, tiny_sam_checkpoint, *flags) == 2
     err = capsys.readouterr().err
     assert message in err, err
+    assert not (data / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--similarity-threshold", "--overlap-iou"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_thresholds_are_refused_when_the_flags_are_parsed(data, tiny_sam_checkpoint, capsys, flag, value):
+    with pytest.raises(SystemExit) as info:
+        run(data, tiny_sam_checkpoint, "--max-instances", "2", f"{flag}={value}")  # "=": "-inf" is not an option
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}: `{flag}` must be " in err and f"got '{value}'" in err, err
     assert not (data / "out").exists()
 
 
@@ -302,3 +312,29 @@ def test_persam_f_with_two_references_instances_and_batches(data, tiny_sam_check
     for row in rows(data / "out"):
         np.testing.assert_allclose(row["scale_weights"], persamf.scale_weights, atol=1e-6)
         assert 1 <= row["num_instances"] <= 2 and row["point_labels"] == [1]
+
+
+def test_config_file_holds_the_settings_and_flags_win(data, tiny_sam_checkpoint):
+    import yaml
+
+    config = data / "segment.yaml"
+    config.write_text(yaml.safe_dump({
+        "ref_image": [str(data / "ref.jpg")], "ref_mask": [str(data / "ref_mask.png")],
+        "images": [str(data / "photos")], "output": str(data / "from_yaml"), "sam_model": "tiny",
+        "sam_checkpoint": str(tiny_sam_checkpoint), "device": "cpu", "batch_size": 3, "method": "persam_f",
+    }))
+    assert cli.main(["segment", "--config", str(config), "--batch-size", "2"]) == 0
+    saved = json.loads((data / "from_yaml" / "run.json").read_text())
+    assert saved["settings"]["method"] == "persam-f"  # persam_f accepted; run.json keeps the command's spelling
+    assert saved["info"]["batch_size"] == 2  # the flag wins over the file
+    assert [r["stem"] for r in rows(data / "from_yaml")] == ["00", "01", "02"]
+
+
+def test_config_file_errors_name_the_flag(data, tiny_sam_checkpoint, capsys):
+    config = data / "bad.yaml"
+    config.write_text(f"ref_image: [{data / 'ref.jpg'}]\nref_mask: [{data / 'ref_mask.png'}]\n"
+                      f"images: [{data / 'photos'}]\noutput: {data / 'out'}\nbatch_size: 0\nsam_model: tiny\n"
+                      f"sam_checkpoint: {tiny_sam_checkpoint}\n")
+    assert cli.main(["segment", "--config", str(config)]) == 2
+    assert "`--batch-size` must be an integer >= 1, got '0'" in capsys.readouterr().err
+    assert not (data / "out").exists()

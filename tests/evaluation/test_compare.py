@@ -13,7 +13,8 @@ from PIL import Image
 
 from persam_dreambooth import testing as tiny
 from persam_dreambooth.cli import compare as compare_cli
-from persam_dreambooth.evaluation.compare import compare, parse_runs
+from persam_dreambooth.evaluation.compare import compare
+from persam_dreambooth.evaluation.compare_config import parse_runs
 from persam_dreambooth.evaluation.embedders import MetricModelError
 from persam_dreambooth.evaluation.scoring import METRICS
 
@@ -65,6 +66,37 @@ def test_end_to_end_outputs(report, ws):
     with Image.open(report / "grids" / "p000.jpg") as grid:  # 2 seeds (rows) x 3 runs (columns)
         assert grid.width > grid.height > 2 * 128
     assert (report / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_hold_paired_intervals_and_verdicts(report):
+    """Every run against the base, then masked against vanilla; overall and per group; reproducible from the images."""
+    from persam_dreambooth.evaluation.paired_stats import difference, paired_differences
+
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["statistics"]["resamples"] == 2000 and metrics["statistics"]["seed"] == 0
+    assert "resample prompts" in metrics["statistics"]["method"]
+    comps = metrics["comparisons"]
+    assert [(c["run"], c["against"]) for c in comps] == [("masked", "base"), ("vanilla", "base"),
+                                                         ("masked", "vanilla")]
+    for comp in comps:
+        assert set(comp["overall"]) == set(METRICS)
+        assert list(comp["groups"]) == ["recontextualization", "property"]
+        assert "background_clip_t" not in comp["groups"]["property"]  # "a red {}" asks nothing of the background
+        for d in comp["overall"].values():
+            assert d["ci"][0] <= d["difference"] <= d["ci"][1] and d["width"] == pytest.approx(d["ci"][1] - d["ci"][0])
+            assert d["verdict"] in ("better", "worse", "no clear difference")
+            assert (d["verdict"] != "no clear difference") == (d["ci"][0] > 0 or d["ci"][1] < 0)
+        assert comp["overall"]["dino"]["n_pairs"] == 6 and comp["overall"]["dino"]["n_prompts"] == 3
+        assert comp["overall"]["background_clip_t"]["n_pairs"] == 4  # the two recontextualization prompts
+    runs = metrics["runs"]
+    again = difference(paired_differences(runs["masked"]["images"], runs["vanilla"]["images"], "clip_t"))
+    assert comps[2]["overall"]["clip_t"] == again.to_dict()
+    assert runs["masked"]["overall"]["background_clip_t"] is not None
+    assert [r["background_clip_t"] is None for r in runs["masked"]["images"]] == [False] * 4 + [True] * 2
+    assert "MaSC" in metrics["definitions"]["background_clip_t"]
+    md = (report / "metrics.md").read_text()
+    assert md.count("Paired differences, 95% confidence intervals:") == 3  # all prompts and the two groups
+    assert "| masked − vanilla |" in md and "## How sure are these differences?" in md
 
 
 def test_rerun_reuses_everything(report, tmp_path, ws):
@@ -140,6 +172,7 @@ def test_bad_input_fails_before_generation(ws, tmp_path, overrides, error, match
     with pytest.raises(error, match=match):
         compare(progress=False, **tiny.tiny_compare_kwargs(ws, out, **overrides))
     assert _no_generation(out)
+    assert not out.exists(), "bad input writes nothing, not even the folder's lock file"
 
 
 def test_parse_runs():
@@ -239,3 +272,27 @@ def test_edited_instance_mask_rescores_but_keeps_the_images(ws, tmp_path):
     after = second.metrics["runs"]["vanilla"]["overall"]["background_leakage"]
     assert after != pytest.approx(before, abs=1e-6)  # ... but every image was scored against the new masks
     assert second.metrics["real_images"]["background_leakage"] != first.metrics["real_images"]["background_leakage"]
+
+
+def test_cli_config_file_and_flag_spellings(tmp_path):
+    """compare's flags are CompareCommandConfig's fields: --config FILE < flags; both spellings; checked ranges."""
+    from persam_dreambooth.config import parse_config
+    from persam_dreambooth.evaluation.compare_config import CompareCommandConfig
+
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"runs": {"masked": "out/m", "vanilla": "out/v"}, "class_noun": "cat",
+                                      "instance_data_dir": "photos", "output_dir": "report", "seed": 3,
+                                      "bootstrap_seed": 7}), encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    compare_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["compare", "--config", str(config), "--class_noun", "dog", "--num-images-per-prompt",
+                              "8", "--no-background-metrics"])
+    cfg = parse_config(CompareCommandConfig, args, args.config)
+    assert cfg.runs == {"masked": "out/m", "vanilla": "out/v"} and (cfg.class_noun, cfg.seed) == ("dog", 3)
+    assert (cfg.num_images_per_prompt, cfg.background_metrics, cfg.bootstrap_seed) == (8, False, 7)
+    assert cfg.settings().class_noun == "dog" and not hasattr(cfg.settings(), "runs")
+    args = parser.parse_args(["compare", "--config", str(config), "--runs", "a=x", "--bootstrap-resamples", "10"])
+    with pytest.raises(ValueError, match=r"`--bootstrap-resamples` must be >= 100"):
+        parse_config(CompareCommandConfig, args, args.config)
+    with pytest.raises(SystemExit):  # finite floats only
+        parser.parse_args(["compare", "--guidance-scale", "nan"])

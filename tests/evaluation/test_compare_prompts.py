@@ -7,6 +7,7 @@ import pytest
 from persam_dreambooth.evaluation.prompts import (
     LIVE_TEMPLATES,
     OBJECT_TEMPLATES,
+    background_text,
     build_prompts,
     infer_identifier,
     load_templates,
@@ -69,3 +70,17 @@ def test_infer_identifier():
     assert infer_identifier("a photo of sks", "dog") is None
     assert infer_identifier("dog", "dog") is None
     assert infer_identifier("a photo of a dog", "dog") is None
+
+
+def test_background_text_is_the_context_without_the_subject():
+    live = build_prompts("live", "sks", "dog")
+    assert live[2].prompt == "a sks dog on the beach" and live[2].background_text == "the beach"
+    assert live[6].background_text == "a city in the background"
+    assert live[9].background_text == "a purple rug in a forest"  # "on top of" goes as a whole
+    assert all(p.background_text is None for p in live if p.group in ("accessorization", "property"))
+    assert all(p.background_text for p in live if p.group == "recontextualization")
+    obj = build_prompts("object", "sks", "teapot")
+    assert [p.background_text for p in obj if "floating" in p.template] == ["water", "an ocean of milk"]
+    assert background_text("a {} at the zoo", "custom") == "the zoo"
+    assert background_text("a {} wearing a crown", "custom") is None  # no place after the subject
+    assert background_text("a {} on", "custom") is None and background_text("{}", "custom") is None

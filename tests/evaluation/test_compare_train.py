@@ -27,7 +27,9 @@ def _train_config(ws, path, **extra):
         "pretrained_model_name_or_path": str(ws["sd"]), "instance_prompt": "a photo of sks dog", "resolution": 32,
         "max_train_steps": 50, "learning_rate": 1e-2, "report_to": "none", "mask_source": "persam",
         "reference_image": str(ws["instance"] / "00.jpg"), "reference_mask": str(ws["masked"] / "masks" / "00.png"),
-        "sam_model_type": "tiny", "sam_checkpoint": str(ws["sam"]), **extra,
+        "sam_model_type": "tiny", "sam_checkpoint": str(ws["sam"]),
+        "accept_masks": True,  # the tiny random SAM makes implausible masks; the review would stop the run
+        **extra,
     }
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
@@ -107,24 +109,64 @@ def test_missing_metric_model_fails_before_training(ws, tmp_path):
     with pytest.raises(RuntimeError, match=r"--dino-model missing/dino"):
         args.func(args)
     assert not (out / "train").exists()
+    assert not out.exists(), "nothing written, not even the folder's lock file"
 
 
 def test_finished_run_matches_settings_the_trainer_resolved_at_run_time(ws, tmp_path):
     """The trainer records what it ran with (``mixed_precision: no`` for a null in the config): still a match."""
     from persam_dreambooth.config import to_dict
-    from persam_dreambooth.evaluation.train_compare import _needs_training
+    from persam_dreambooth.evaluation.train_compare import _training_to_do
 
     cfg = yaml.safe_load(_train_config(ws, tmp_path / "t.yaml").read_text())
     pair = paired_train_configs(cfg, tmp_path / "out", instance_data_dir=str(ws["instance"]))
     run = pair["vanilla"]
     folder = tmp_path / "out" / "train" / "vanilla"
     folder.mkdir(parents=True)
-    assert _needs_training(run)  # no weights yet
+    assert _training_to_do(run) is not None  # no weights yet
     (folder / "pytorch_lora_weights.safetensors").write_bytes(b"")
     stored = {**to_dict(run), "mixed_precision": "no", "_meta": {"versions": {}}}
     (folder / "config.resolved.yaml").write_text(yaml.safe_dump(stored), encoding="utf-8")
-    assert run.mixed_precision is None and not _needs_training(run)
+    assert run.mixed_precision is None and _training_to_do(run) is None
     with pytest.raises(ValueError, match=r"other settings \(mixed_precision: 'no' there, 'bf16' now\)"):
-        _needs_training(run.replace(mixed_precision="bf16"))
+        _training_to_do(run.replace(mixed_precision="bf16"))
     with pytest.raises(ValueError, match=r"other settings \(rank: "):
-        _needs_training(run.replace(rank=run.rank + 1))
+        _training_to_do(run.replace(rank=run.rank + 1))
+
+
+def test_interrupted_training_resumes_from_its_latest_checkpoint(ws, tmp_path, caplog):
+    """compare --train killed between two checkpoints of the masked run: the rerun resumes it (no restart at step 0)
+    and keeps the finished vanilla run; an unfinished run with other settings is refused."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "report"
+    args = _args(ws, _train_config(ws, tmp_path / "train.yaml", checkpointing_steps=1), out)
+    assert args.func(args) == 0
+    masked = out / "train" / "masked"
+    weights = masked / "pytorch_lora_weights.safetensors"
+    finished = load_file(weights)
+    vanilla_stamp = (out / "train" / "vanilla" / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
+    # as if killed after checkpoint-1: no final weights, no checkpoint-2
+    import shutil
+
+    weights.unlink()
+    shutil.rmtree(masked / "checkpoint-2")
+    assert [p.name for p in masked.glob("checkpoint-*")] == ["checkpoint-1"]
+    with caplog.at_level(logging.INFO):
+        assert args.func(args) == 0
+    text = caplog.text
+    assert "Resuming the unfinished run" in text and "from checkpoint-1" in text
+    assert f"Resuming from {masked / 'checkpoint-1'}" in text  # the trainer loaded the checkpoint
+    resumed = load_file(weights)
+    assert resumed.keys() == finished.keys()
+    for key in finished:
+        torch.testing.assert_close(resumed[key], finished[key])  # same weights as the uninterrupted run
+    assert (out / "train" / "vanilla" / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == vanilla_stamp
+    # an unfinished run trained with other settings is not resumed
+    weights.unlink()
+    args3 = _args(ws, tmp_path / "train.yaml", out)
+    args3.max_train_steps = 3
+    with pytest.raises(ValueError, match=r"already holds an unfinished run trained with other settings "
+                                         r"\(max_train_steps: 2 there, 3 now\)"):
+        args3.func(args3)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -146,3 +149,69 @@ def test_persam_f_end_to_end_records_the_weights(perseg, tiny_sam_checkpoint, tm
                     load_mask(perseg / "Annotations" / obj / f"{stem}.png"))
         assert c["iou"] == pytest.approx(100 * acc.iou)
     assert metrics["classes"]["duck"]["scale_weights"] != metrics["classes"]["red_can"]["scale_weights"]
+
+
+def test_method_spellings_and_bad_method(perseg, tiny_sam_checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval_alias"
+    assert _run(perseg, tiny_sam_checkpoint, out, "--method", "persam_f") == 0  # the code spelling is an alias
+    assert json.loads((out / "metrics.json").read_text())["method"] == "persam-f"
+    assert _run(perseg, tiny_sam_checkpoint, tmp_path / "bad", "--method", "sam") == 2
+    assert "`--method` must be one of ['persam', 'persam-f'], got 'sam'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_settings_from_a_config_file(perseg, tiny_sam_checkpoint, tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"data: {perseg}\noutput: {tmp_path / 'from_yaml'}\nsam_model: tiny\n"
+                      f"sam_checkpoint: {tiny_sam_checkpoint}\ndevice: cpu\nref: '01'\n")
+    assert cli.main(["eval-perseg", "--config", str(config)]) == 0
+    metrics = json.loads((tmp_path / "from_yaml" / "metrics.json").read_text())
+    assert metrics["ref"] == "01" and metrics["method"] == "persam"
+    assert all((tmp_path / "from_yaml" / "masks" / obj / "00.png").is_file() for obj in metrics["classes"])
+
+
+def test_bad_checkpoint_is_named_by_its_flag_and_writes_nothing(perseg, tmp_path, capsys):
+    other = tmp_path / "other.pth"
+    torch.save(tiny.tiny_sam(dim=48).state_dict(), other)
+    out = tmp_path / "eval"
+    assert _run(perseg, other, out) == 2
+    err = capsys.readouterr().err
+    assert f"`--sam-checkpoint` {str(other)!r} does not fit" in err and "`checkpoint`" not in err, err
+    assert not out.exists(), "a failure before the work leaves no folder (nor lock file)"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_umask_modes(perseg, tiny_sam_checkpoint, tmp_path, umask):
+    out = tmp_path / "eval"
+    old = os.umask(umask)
+    try:
+        assert _run(perseg, tiny_sam_checkpoint, out) == 0
+    finally:
+        os.umask(old)
+    paths = [out, *out.rglob("*")]
+    assert {"masks", "overlays", "metrics.json", "metrics.md"} <= {p.name for p in paths}
+    for path in paths:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
+
+
+def test_each_object_and_the_persam_f_fit_are_logged(perseg, tiny_sam_checkpoint, tmp_path, caplog):
+    """A PerSAM-F fit per object can take minutes on a big reference: each object and each fit say so."""
+    with caplog.at_level(logging.INFO):
+        assert _run(perseg, tiny_sam_checkpoint, tmp_path / "eval", "--method", "persam-f") == 0
+    text = caplog.text
+    assert "object 1/2 'duck': setting the reference, then 2 test image(s)" in text
+    assert "object 2/2 'red_can'" in text
+    assert text.count("PerSAM-F: fitting the scale weights (1000 steps") == 2
+    assert text.count("PerSAM-F: scale weights fitted in") == 2
+
+
+def test_a_second_run_into_the_same_folder_is_refused(perseg, tiny_sam_checkpoint, tmp_path, capsys):
+    from persam_dreambooth.utils.locks import lock_output_dir
+
+    out = tmp_path / "eval"
+    with lock_output_dir(out, "eval-perseg"):
+        assert _run(perseg, tiny_sam_checkpoint, out) == 2
+    err = capsys.readouterr().err
+    assert f"`--output` {str(out)!r} is in use by another run (PID {os.getpid()}" in err, err
+    assert sorted(p.name for p in out.iterdir()) == [".persam.lock"]

@@ -107,13 +107,18 @@ def test_embedders_on_tiny_models(embedders):
 
 
 def test_missing_metric_model_has_an_offline_hint(tmp_path):
-    with pytest.raises(MetricModelError, match=r"`--dino-model not-a-real/model`.*hf download not-a-real/model"):
+    """The embedders name the model; ``compare`` adds its flag (``MetricModelError.naming``, tested in
+    test_compare.py::test_bad_input_fails_before_generation)."""
+    with pytest.raises(MetricModelError, match=r"DINO model 'not-a-real/model'.*hf download not-a-real/model") as err:
         DinoEmbedder("not-a-real/model")
+    assert err.value.model_id == "not-a-real/model" and err.value.kind == "DINO"
+    with pytest.raises(MetricModelError, match=r"`--dino-model not-a-real/model`.*hf download not-a-real/model"):
+        raise err.value.naming("--dino-model")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(MetricModelError, match=r"--clip-model .*pass a local folder"):
+    with pytest.raises(MetricModelError, match=r"CLIP model .*pass a local folder"):
         ClipEmbedder(str(empty))
-    with pytest.raises(FileNotFoundError, match=r"`--clip-model` folder '/no/such/clip' does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"CLIP model folder '/no/such/clip' does not exist"):
         ClipEmbedder("/no/such/clip")
 
 
@@ -143,6 +148,22 @@ def test_scorer_without_subject_leaves_masked_dino_out(embedders):
     assert row["masked_dino"] is None and row["subject_found"] is False and row["background_leakage"] is not None
     no_bg = Scorer(dino, clip, RealImages(paths=[], images=[image]), segmenter=None).score([image], ["a dog"])[0]
     assert no_bg["background_leakage"] is None and no_bg["masked_dino"] is None
+
+
+def test_background_clip_t_scores_the_background_only_image_against_the_context(embedders):
+    """Background CLIP-T: CLIP of the background-only image (subject filled as for leakage) vs the context text."""
+    dino, clip = embedders
+    image, mask = tiny.synthetic_subject(48, 64, box_yx=(8, 10, 36, 50))
+    scorer = Scorer(dino, clip, RealImages(paths=[], images=[image], masks=[mask]), segmenter=lambda im: mask)
+    rows = scorer.score([image, image], ["a dog on the beach", "a red dog"], ["the beach", None])
+    expected = paired_cosine(clip.embed_texts(["the beach"]), clip.embed_images([background_only(image, mask)]))
+    assert rows[0]["background_clip_t"] == pytest.approx(float(expected[0]), abs=1e-6)
+    whole = paired_cosine(clip.embed_texts(["the beach"]), clip.embed_images([image]))
+    assert rows[0]["background_clip_t"] != pytest.approx(float(whole[0]), abs=1e-6)  # the subject is filled
+    assert rows[1]["background_clip_t"] is None  # a property prompt asks nothing of the background
+    assert scorer.score([image], ["a dog"])[0]["background_clip_t"] is None  # no texts given
+    with pytest.raises(ValueError, match=r"`background_texts` must have one entry per image \(1\), got 2"):
+        scorer.score([image], ["a dog"], ["x", "y"])
 
 
 def test_aggregate_means_per_group_and_prompt():

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from persam_dreambooth import testing as tiny
-from persam_dreambooth.evaluation.report import bar_chart_png, format_value, metrics_markdown
+from persam_dreambooth.evaluation.report_chart import bar_chart_png
+from persam_dreambooth.evaluation.report_format import format_value
+from persam_dreambooth.evaluation.report_markdown import metrics_markdown
 
 
 class _Collector(HTMLParser):
@@ -114,6 +116,17 @@ def test_markdown_tables_and_deltas():
     assert "- **real images**: among the real images." in md
 
 
+def test_format_interval_keeps_the_sign_of_ends_that_round_to_zero():
+    from persam_dreambooth.evaluation.paired_stats import Difference
+    from persam_dreambooth.evaluation.report_format import format_interval
+
+    assert format_interval(Difference(0.012, 0.004, 0.020, "better", 25, 100)) == "+0.012 [+0.004, +0.020]"
+    assert format_interval(Difference(-0.001, -0.0012, -0.0002, "worse", 25, 100)) == "-0.001 [-0.001, -0.000]"
+    assert format_interval(Difference(0.0, 0.0, 0.0, "no clear difference", 25, 100)) == "±0.000 [+0.000, +0.000]"
+    assert format_interval(Difference(0.2, None, None, "no clear difference", 1, 1)) == "+0.200 [too few images]"
+    assert format_interval(None) == "n/a"
+
+
 def test_format_value():
     assert format_value(None) == "n/a" and format_value(0.12345) == "0.123"
     assert format_value(0.5, 0.25) == "0.500 (+0.250)" and format_value(0.25, 0.5) == "0.250 (-0.250)"
@@ -134,18 +147,70 @@ def test_metrics_json_matches_markdown(report):
     assert metrics_markdown(metrics) == (report / "metrics.md").read_text(encoding="utf-8")
 
 
-def test_html_table_bolds_every_run_that_ties_as_shown():
-    from persam_dreambooth.evaluation.report_html import _table
+def _comparison(run, against, **cells):
+    """A comparison as metrics.json records it: ``cells`` = metric -> (difference, low, high, verdict)."""
+    table = {m: {"difference": d, "ci": [lo, hi], "width": hi - lo, "verdict": v, "n_prompts": 25, "n_pairs": 100,
+                 "spread": "prompts"} for m, (d, lo, hi, v) in cells.items()}
+    return {"run": run, "against": against, "overall": table, "groups": {"property": table}}
 
+
+def _metrics_with_intervals():
     m = _metrics()
+    m["statistics"] = {"confidence": 0.95, "resamples": 2000, "seed": 0, "wide_half_width": 0.01}
+    m["comparisons"] = [_comparison("masked", "base", dino=(0.1523, 0.13, 0.17, "better"),
+                                    background_leakage=(0.0001, -0.03, 0.03, "no clear difference"),
+                                    clip_t=(0.012, 0.004, 0.020, "better"))]
+    return m
+
+
+def test_html_bolds_only_differences_whose_interval_excludes_zero():
+    """No "best run" in bold any more (it invited over-reading noise): only differences that exclude 0."""
+    from persam_dreambooth.evaluation.report_html import _differences_table, _table
+
+    m = _metrics_with_intervals()
     base = m["runs"]["base"]["overall"]
-    rows = [("base", base, "base"),
-            ("a", {**base, "dino": 0.65231, "background_leakage": 0.30}, ""),
-            ("b", {**base, "dino": 0.65229, "background_leakage": 0.35}, "")]  # both DINO 0.652 on the page
-    html = _table(rows, base)
-    assert html.count('<td class="best">0.652') == 2
-    assert html.count('<td class="best">0.300') == 1  # leakage: lower is better
-    assert html.startswith('<div class="tw">')  # wide tables scroll in their own box
+    rows = [("base", base, "base"), ("a", {**base, "dino": 0.65231}, ""), ("b", {**base, "dino": 0.7}, "")]
+    assert "best" not in _table(rows, base) and "<b>" not in _table(rows, base)
+    html = _differences_table(m["comparisons"], None)
+    assert html.count('class="diff sig better"') == 2  # DINO and CLIP-T; leakage straddles 0
+    assert '<td class="diff sig better">+0.012<br>[+0.004, +0.020]<span class="verdict">better</span>' in html
+    assert '<td class="diff">±0.000<br>[-0.030, +0.030]<span class="verdict">no clear difference</span>' in html
+    assert 'aria-label="+0.012 [+0.004, +0.020]"' in html
+    assert html.count('<svg class="ci"') == 3 and html.count('<line class="range"') == 3
+    assert html.startswith('<p class="note">') and '<div class="tw">' in html  # wide tables scroll in their box
+
+
+def test_markdown_differences_with_intervals_widths_and_advice():
+    m = _metrics_with_intervals()
+    md = metrics_markdown(m)
+    assert "| difference | DINO ↑ | CLIP-T ↑ | background leakage ↓ |" in md
+    assert ("| masked − base | **+0.152 [+0.130, +0.170]** better | **+0.012 [+0.004, +0.020]** better | "
+            "±0.000 [-0.030, +0.030] no clear difference |") in md
+    assert md.count("Paired differences, 95% confidence intervals:") == 2  # all prompts and the one group
+    assert "## How sure are these differences?" in md and "2000 resamples of the prompts" in md
+    assert "| masked − base | ±0.020 | ±0.008 | ±0.030 |" in md  # the interval widths
+    # leakage: no clear difference with ±0.03 -> 9x the images for ±0.01; the prompts disagree most
+    assert ("- masked − base, background leakage: no clear difference, and the interval is wide (±0.030). About 9× "
+            "as many images would narrow it to ±0.010; the prompts disagree most") in md
+    assert "masked − base, CLIP-T: no clear" not in md  # a clear verdict needs no advice
+
+
+def test_chart_draws_error_bars_from_the_intervals():
+    from persam_dreambooth.evaluation.report_chart import chart_figure
+
+    fig = chart_figure(_metrics_with_intervals())
+    try:
+        _, dax = fig.axes[:2]
+        bars = [c for c in dax.containers if type(c).__name__ == "ErrorbarContainer"]
+        assert len(bars) == 1  # one series (masked − base), error bars where an interval exists
+        segments = bars[0].lines[2][0].get_segments()
+        ends = sorted((round(float(s[0][1]), 3), round(float(s[1][1]), 3)) for s in segments)
+        assert ends == [(-0.03, 0.03), (0.004, 0.02), (0.13, 0.17)]
+        assert "95% confidence intervals" in dax.get_title()
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def test_per_prompt_table_groups_runs_under_each_metric():

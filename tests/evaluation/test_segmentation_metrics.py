@@ -8,9 +8,9 @@ from persam_dreambooth.evaluation.segmentation_metrics import (
     boundary_band,
     boundary_iou,
     boundary_width,
-    mask_iou,
     mean_over_classes,
 )
+from persam_dreambooth.utils.mask_geometry import mask_iou
 
 
 def _reference_band(mask: np.ndarray, d: int) -> np.ndarray:

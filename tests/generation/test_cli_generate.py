@@ -61,3 +61,19 @@ def test_entry_point_turns_errors_into_exit_code_2(tiny_sd_dir, tmp_path, capsys
                  "--height", "31", "--output-dir", str(tmp_path / "g")])
     assert code == 2
     assert "VAE scale factor 2; the pipeline needs multiples of 8), got 31" in capsys.readouterr().err
+
+
+def test_config_file_prompts_file_and_flags_merge(tmp_path):
+    """generate's flags are GenerationConfig's fields: --config FILE < flags; --prompt repeats; errors name flags."""
+    from persam_dreambooth.config import parse_config
+    from persam_dreambooth.generation import GenerationConfig
+
+    config = tmp_path / "gen.yaml"
+    config.write_text("prompts: [a dog]\nnum_images: 3\nseed: 2\noutput_dir: out\n", encoding="utf-8")
+    cfg = parse_config(GenerationConfig, _parse(["--config", str(config), "--seed", "5"]), str(config))
+    assert (cfg.prompts, cfg.num_images, cfg.seed, cfg.output_dir) == (["a dog"], 3, 5, "out")
+    args = _parse(["--prompt", "a", "--prompt", "b", "--output-dir", "o", "--pretrained-model-name-or-path", "m"])
+    assert args.prompts == ["a", "b"] and args.pretrained_model_name_or_path == "m"
+    # the flag the user typed, never the internal key (issue 10, item 8)
+    with pytest.raises(ValueError, match=r"^`--num-images` must be >= 1, got 0\.$"):
+        parse_config(GenerationConfig, _parse(["--prompt", "a", "--output-dir", "o", "--num-images", "0"]))

@@ -124,7 +124,7 @@ def test_full_pipeline_folder_as_model(tiny_sd_dir, tmp_path):
         ({"height": 33}, ValueError, r"`--height` must be a positive multiple of 8 \(VAE scale factor 2; .*, got 33"),
         ({"width": 31}, ValueError, r"`--width` must be a positive multiple of 8 \(VAE scale factor 2; .*, got 31"),
         ({"prompts": []}, ValueError, r"at least one prompt"),
-        ({"num_images": 0}, ValueError, r"`num_images` must be >= 1, got 0"),
+        ({"num_images": 0}, ValueError, r"^`--num-images` must be >= 1, got 0"),  # the flag, not the key
         ({"dtype": "float64"}, ValueError, r"`dtype` must be one of"),
         ({"lora": "/nonexistent/run"}, FileNotFoundError, r"`--lora` folder '/nonexistent/run' does not exist"),
         ({"colour": "red"}, ValueError, r"Unknown config key `colour`"),
@@ -217,7 +217,7 @@ def test_interrupted_generation_leaves_complete_pngs_and_resumes(tiny_sd_dir, tm
         _gen(tiny_sd_dir, out, batch_size=3, pipeline=failing)
     # the first batch (3 images) is on disk, complete and recorded; nothing else, no temporary files
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [
-        "generation.jsonl", "p000_i00_s5.png", "p000_i01_s6.png", "p001_i00_s5.png"]
+        ".persam.lock", "generation.jsonl", "p000_i00_s5.png", "p000_i01_s6.png", "p001_i00_s5.png"]
     assert len(load_records(out)) == 3
     resumed = _gen(tiny_sd_dir, out, batch_size=3)
     assert (resumed.num_generated, resumed.num_reused) == (1, 3)
@@ -259,3 +259,44 @@ def test_full_pipeline_fingerprint_follows_the_component_weights(tiny_sd_dir, tm
     unet = next((run / "unet").glob("*.safetensors"))
     os.utime(unet, ns=(unet.stat().st_atime_ns, unet.stat().st_mtime_ns + 10**9))  # rewritten by a new training
     assert weights_fingerprint(find_run_weights(run, "--model")) != before
+
+
+def _write_safetensors(path, tensors, metadata):
+    """A ``.safetensors`` file written byte by byte, with the header keys in exactly the given order."""
+    import struct
+
+    header, blobs, offset = {"__metadata__": metadata}, [], 0
+    for name, array in tensors.items():
+        blob = np.ascontiguousarray(array, dtype="<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def test_lora_fingerprint_follows_the_tensors_not_the_metadata_order(tmp_path):
+    """Two saves of the same LoRA whose metadata keys come out in another order are the same weights; one changed
+    value is not. (safetensors writes the metadata map in an order that varies between saves, so a resumed
+    `compare --train` run re-saved identical weights as different bytes.)"""
+    from safetensors.numpy import load_file
+
+    from persam_dreambooth.generation.pipeline import RunWeights, weights_fingerprint
+
+    a, b = np.arange(6.0).reshape(2, 3), np.ones((3, 2))
+    files = {
+        "one": ({"unet.a.lora.down.weight": a, "unet.b.lora.up.weight": b}, {"format": "pt", "x": "1"}),
+        "two": ({"unet.b.lora.up.weight": b, "unet.a.lora.down.weight": a}, {"x": "1", "format": "pt"}),
+        "three": ({"unet.a.lora.down.weight": a, "unet.b.lora.up.weight": b + 2**-20}, {"format": "pt", "x": "1"}),
+    }
+    prints = {}
+    for name, (tensors, meta) in files.items():
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "pytorch_lora_weights.safetensors"
+        _write_safetensors(path, tensors, meta)
+        assert set(load_file(str(path))) == set(tensors)  # a valid file
+        prints[name] = weights_fingerprint(RunWeights(kind="lora", path=tmp_path / name))
+    assert (tmp_path / "one" / "pytorch_lora_weights.safetensors").read_bytes() != \
+        (tmp_path / "two" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert prints["one"] == prints["two"] != prints["three"]

@@ -1,5 +1,7 @@
 """Mask sets made by PerSAM (tiny SAM) from a reference mask or box, and copied from a folder."""
 
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from PIL import Image
 from persam_dreambooth import testing as tiny
 from persam_dreambooth.masks import MaskSet
 from persam_dreambooth.masks.make import copy_mask_set, make_mask_set, segmenter_class
-from persam_dreambooth.masks.overlay import masks_grid, overlay_mask
+from persam_dreambooth.utils.overlay import masks_grid, overlay_mask
 
 
 @pytest.fixture
@@ -81,3 +83,44 @@ def test_overlay_tints_only_the_mask():
     # two 32-px tiles side by side, 4-px padding, one 12-px caption line (10-px font) under the row
     assert sheet.size == (2 * 32 + 3 * 4, 32 + 12 + 2 * 4)
     assert masks_grid([image, image], [mask, mask], tile=32).size == (2 * 32 + 3 * 4, 32 + 2 * 4)
+
+
+@pytest.mark.filterwarnings("ignore:.*covers no whole embedding cell")  # SAM-made masks of a random tiny SAM
+@pytest.mark.parametrize("prompt", ["mask", "box"])
+def test_each_photo_is_encoded_once_when_the_reference_is_one_of_them(tmp_path, tiny_sam_model, monkeypatch, prompt):
+    """3 photos, the reference among them: 3 image-encoder calls (the reference's embedding is reused)."""
+    from segment_anything.modeling import ImageEncoderViT
+
+    masks = tiny.write_instance_dir(tmp_path / "img", n=3)
+    images = sorted((tmp_path / "img").iterdir())
+    Image.fromarray(masks["00"].astype(np.uint8) * 255).save(tmp_path / "ref.png")
+    calls = [0]
+    real = ImageEncoderViT.forward
+
+    def counting(self, x):
+        calls[0] += 1
+        return real(self, x)
+
+    monkeypatch.setattr(ImageEncoderViT, "forward", counting)
+    kwargs = {"reference_mask": tmp_path / "ref.png"} if prompt == "mask" else {"reference_box": [10, 8, 50, 40]}
+    make_mask_set(images, tmp_path / "m", images[0], sam=tiny_sam_model, sam_model_type="tiny", progress=False,
+                  **kwargs)
+    assert calls[0] == 3
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_mask_set_gets_the_umask_modes_not_the_temporary_folders(tmp_path, album, tiny_sam_model, umask):
+    """Built in a private temporary folder, the set still gets ``mkdir``/``open`` modes (issue 10: masks/ was 0700)."""
+    images, ref_mask, _ = album
+    out = tmp_path / "run" / "masks"
+    old = os.umask(umask)
+    try:
+        make_mask_set(images, out, images[0], reference_mask=ref_mask, sam=tiny_sam_model, sam_model_type="tiny",
+                      progress=False)
+        copy_mask_set(images, MaskSet.read(out), tmp_path / "run" / "copy")
+    finally:
+        os.umask(old)
+    for folder in (out, tmp_path / "run" / "copy"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask, folder
+        for path in folder.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

@@ -11,9 +11,9 @@ from PIL import Image
 
 from persam_dreambooth import PerSAM
 from persam_dreambooth import testing as tiny
-from persam_dreambooth.segmentation.album import AlbumOptions, segment_images
-from persam_dreambooth.segmentation.embedding_cache import EmbeddingCache, EncoderIdentity, state_dict_sha256
-from persam_dreambooth.segmentation.encoding import BatchEncoder, check_encoder_dtype
+from persam_dreambooth.albums.batch_encoder import BatchEncoder, check_encoder_dtype
+from persam_dreambooth.albums.embedding_cache import EmbeddingCache, EncoderIdentity, state_dict_sha256
+from persam_dreambooth.albums.segment_photos import AlbumOptions, segment_images
 
 
 @pytest.fixture

@@ -10,15 +10,14 @@ import pytest
 from PIL import Image
 
 from persam_dreambooth import testing as tiny
-from persam_dreambooth.segmentation.album import (
-    AlbumOptions,
+from persam_dreambooth.albums.batch_encoder import BatchEncoder
+from persam_dreambooth.albums.outputs import (
     instance_name,
     output_complete,
     remove_stale_instances,
     save_instances,
-    segment_images,
 )
-from persam_dreambooth.segmentation.album_run import (
+from persam_dreambooth.albums.run import (
     RUN_FILE,
     AlbumJob,
     RunSettingsMismatch,
@@ -26,8 +25,8 @@ from persam_dreambooth.segmentation.album_run import (
     prepare_album,
     run_album,
 )
-from persam_dreambooth.segmentation.encoding import BatchEncoder
-from persam_dreambooth.segmentation.sharding import RESULTS_FILE, rank_log_name
+from persam_dreambooth.albums.segment_photos import AlbumOptions, segment_images
+from persam_dreambooth.albums.sharding import RESULTS_FILE, rank_log_name
 
 SETTINGS = {"method": "persam", "sam_model": "tiny", "dtype": "float32", "max_instances": None}
 
@@ -129,6 +128,25 @@ def test_other_settings_are_refused_naming_them(persam, album, tmp_path):
     assert json.loads((out / RUN_FILE).read_text())["settings"] == changed
 
 
+def test_long_settings_are_shown_old_and_new_not_as_placeholders(persam, album, tmp_path):
+    """A differing reference (hashes in a list of dicts) names the leaf that differs and shows both values."""
+    out = tmp_path / "out"
+    ref = {"image_sha256": "a" * 64, "mask_sha256": "b" * 64, "box": None, "point": None}
+    full_run(persam, job_for(album, out, settings={**SETTINGS, "references": [ref]}))
+    other = {**ref, "mask_sha256": "c" * 64}
+    long_path = "/data/" + "x" * 100 + "/weights.pth"
+    changed = {**SETTINGS, "references": [other], "sam_weights": long_path}
+    with pytest.raises(RunSettingsMismatch) as info:
+        prepare_album(job_for(album, out, settings=changed))
+    msg = str(info.value)
+    assert "(differs)" not in msg and "\n" not in msg
+    assert f'references[0].mask_sha256: "{"b" * 64}" before, "{"c" * 64}" now' in msg
+    assert "image_sha256" not in msg, "only the leaves that differ are named"
+    assert 'sam_weights: null before, "/data/xxx' in msg and 'weights.pth" now' in msg  # long: shortened in the middle
+    with pytest.raises(RunSettingsMismatch, match=r"references: list of 1 item\(s\) before, list of 2 item\(s\) now"):
+        prepare_album(job_for(album, out, settings={**SETTINGS, "references": [ref, ref]}))
+
+
 def test_results_without_run_json_or_unreadable_run_json_are_refused(persam, album, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -163,7 +181,7 @@ def test_instances_outputs_and_completeness(persam, album, tmp_path):
     assert names == ["00_inst1.png", "00_inst2.png"] and not (out / "00_inst3.png").exists()
     union = np.asarray(Image.open(out / "00.png")) > 0
     assert np.array_equal(union, results[0].mask | results[1].mask)
-    from persam_dreambooth.segmentation.album import instance_record, source_info
+    from persam_dreambooth.albums.outputs import instance_record, source_info
 
     row = {**instance_record("00", album[0], results), "source": source_info(album[0])}
     assert row["num_instances"] == 2 and [i["mask"] for i in row["instances"]] == names

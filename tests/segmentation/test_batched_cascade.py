@@ -10,8 +10,8 @@ import torch
 
 from persam_dreambooth import PerSAM, PerSAMF, Segmentation
 from persam_dreambooth import testing as tiny
+from persam_dreambooth.segmentation.cascade import EmptyMaskWarning, persam_cascade, persam_cascade_batch
 from persam_dreambooth.segmentation.location_prior import attention_prior
-from persam_dreambooth.segmentation.persam import EmptyMaskWarning, persam_cascade, persam_cascade_batch
 from persam_dreambooth.segmentation.predictor import GuidedSamPredictor
 
 LOGIT_TOL = 1e-4  # batched vs one-by-one: float rounding only

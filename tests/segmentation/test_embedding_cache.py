@@ -12,8 +12,9 @@ import torch
 
 from persam_dreambooth import PerSAM
 from persam_dreambooth import testing as tiny
-from persam_dreambooth.segmentation import embedding_cache as ec
-from persam_dreambooth.segmentation.embedding_cache import (
+from persam_dreambooth.albums import embedding_cache as ec
+from persam_dreambooth.albums.batch_encoder import BatchEncoder
+from persam_dreambooth.albums.embedding_cache import (
     EmbeddingCache,
     EncoderIdentity,
     checkpoint_sha256,
@@ -21,7 +22,6 @@ from persam_dreambooth.segmentation.embedding_cache import (
     state_dict_sha256,
     weights_sha256,
 )
-from persam_dreambooth.segmentation.encoding import BatchEncoder
 from persam_dreambooth.segmentation.predictor import ImageEmbedding
 
 
@@ -133,7 +133,7 @@ def test_damaged_entry_is_discarded_logged_and_recomputed(tmp_path, tiny_sam_mod
         path.write_bytes(data[:-5] + bytes([data[-5] ^ 0xFF]) + data[-4:])  # tensor bytes, header intact
     else:
         path.write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="persam_dreambooth.segmentation.embedding_cache"):
+    with caplog.at_level(logging.WARNING, logger="persam_dreambooth.albums.embedding_cache"):
         assert cache.get(digest) is None
     assert "discarding unreadable entry" in caplog.text and cache.discarded == 1
     assert not path.exists()

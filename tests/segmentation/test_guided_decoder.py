@@ -148,7 +148,10 @@ def _block(blk, queries, keys, query_pe, key_pe, bias):
 
 
 def _spec_transformer(tr, image, pe, tokens, attn_sim, t):
-    """persam_method.md §1.1c written out: PE = T + t; Q0 = T + t; Q_i = Q_{i-1} + t; q_final = Q + T + 2t."""
+    """docs/design/persam_method.md §1.1c written out:
+
+    PE = T + t; Q0 = T + t; Q_i = Q_{i-1} + t; q_final = Q + T + 2t.
+    """
     img = image.flatten(2).transpose(1, 2)
     img_pe = pe.flatten(2).transpose(1, 2)
     query_pe = tokens + t

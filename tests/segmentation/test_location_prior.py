@@ -98,7 +98,7 @@ def test_upscale_matches_sams_postprocess_geometry(original):
 
 
 def _published_attn_sim(sim: torch.Tensor, grid: int) -> torch.Tensor:
-    """persam_method.md §3: z-score at full resolution, bilinear to the whole grid, sigmoid, flatten."""
+    """docs/design/persam_method.md §3: z-score at full resolution, bilinear to the whole grid, sigmoid, flatten."""
     z = (sim - sim.mean()) / torch.std(sim)
     z = F.interpolate(z[None, None], size=(grid, grid), mode="bilinear")
     return torch.sigmoid(z).reshape(1, 1, 1, grid * grid)

@@ -17,10 +17,10 @@ from persam_dreambooth.segmentation.multi_instance import (
     DEFAULT_OVERLAP_IOU,
     DEFAULT_SIMILARITY_THRESHOLD,
     find_instances,
-    mask_iou,
     union_mask,
 )
 from persam_dreambooth.segmentation.predictor import ImageEmbedding
+from persam_dreambooth.utils.mask_geometry import mask_iou
 
 C, GRID, SIZE = 32, 4, 64  # the tiny SAM: 32 channels, 4x4 grid, 64-px frame (16 px per cell)
 TARGET = torch.zeros(C)

@@ -10,8 +10,8 @@ from test_persam_f import published_fit
 
 from persam_dreambooth import PerSAM, PerSAMF
 from persam_dreambooth import testing as tiny
+from persam_dreambooth.segmentation.cascade import location_confidence
 from persam_dreambooth.segmentation.location_prior import select_point_prompts, target_embedding
-from persam_dreambooth.segmentation.persam import location_confidence
 
 
 @pytest.fixture(scope="module")

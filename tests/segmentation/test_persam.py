@@ -13,6 +13,7 @@ from segment_anything import SamPredictor
 
 from persam_dreambooth import PerSAM, Segmentation
 from persam_dreambooth import testing as tiny
+from persam_dreambooth.segmentation.cascade import EmptyMaskWarning
 from persam_dreambooth.segmentation.location_prior import (
     attention_prior,
     box_from_mask,
@@ -20,8 +21,8 @@ from persam_dreambooth.segmentation.location_prior import (
     similarity_map,
     upscale_to_original,
 )
-from persam_dreambooth.segmentation.persam import EmptyMaskWarning, mask_from_prompt
 from persam_dreambooth.segmentation.predictor import GuidedSamPredictor
+from persam_dreambooth.segmentation.reference_prompt import mask_from_prompt
 
 
 def test_public_import_and_result_fields(persam, target_image):
@@ -261,7 +262,7 @@ def test_no_warnings_on_a_normal_run(persam, target_image):
 
 def test_cascade_on_a_caller_given_similarity_map(persam, target_image):
     """The seam for multi-instance search: suppress the found object in the map and run again."""
-    from persam_dreambooth.segmentation.persam import persam_cascade
+    from persam_dreambooth.segmentation.cascade import persam_cascade
 
     emb = persam.encode(target_image)
     first = persam.segment_embedding(emb)

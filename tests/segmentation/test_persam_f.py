@@ -1,4 +1,4 @@
-"""PerSAM-F: losses by hand, the fused fit against autograd + torch.optim, the published steps with SamPredictor."""
+"""PerSAM-F: losses by hand, the cached-logit fit against the published loop, the published steps with SamPredictor."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from segment_anything import SamPredictor
 
 from persam_dreambooth import PerSAM, PerSAMF, Segmentation
 from persam_dreambooth import testing as tiny
+from persam_dreambooth.segmentation.cascade import EmptyMaskWarning
 from persam_dreambooth.segmentation.location_prior import (
     box_from_mask,
     select_point_prompts,
@@ -21,10 +22,8 @@ from persam_dreambooth.segmentation.location_prior import (
     upscale_to_original,
 )
 from persam_dreambooth.segmentation.losses import dice_loss, sigmoid_focal_loss
-from persam_dreambooth.segmentation.persam import EmptyMaskWarning
-from persam_dreambooth.segmentation.persam_f import fit_scale_weights
 from persam_dreambooth.segmentation.reference_mask import reference_cells
-from persam_dreambooth.segmentation.scale_fit import adamw_update_, cosine_annealing_lrs
+from persam_dreambooth.segmentation.scale_fit import fit_scale_weights
 
 
 @pytest.fixture(scope="module")
@@ -83,35 +82,6 @@ def test_dice_and_focal_on_a_2x2_example():
         sigmoid_focal_loss(logits, target, alpha=1.5)
 
 
-# ------------------------------------------------------------------------------------------------ optimiser pieces
-def test_cosine_lrs_are_the_schedulers():
-    for steps, t_max in ((1000, None), (25, 10), (1, None)):
-        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, t_max or steps)
-        expected = []
-        for _ in range(steps):
-            expected.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-        assert cosine_annealing_lrs(1e-3, steps, t_max) == expected  # exact, as floats
-
-
-def test_adamw_by_hand_equals_torch_optim_adamw():
-    ours = torch.tensor([1 / 3, 1 / 3])
-    theirs = torch.nn.Parameter(ours.clone())
-    opt = torch.optim.AdamW([theirs], lr=1e-3, eps=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 1000)
-    exp_avg, exp_avg_sq = torch.zeros(2), torch.zeros(2)
-    for step, lr in enumerate(cosine_annealing_lrs(1e-3, 1000), start=1):
-        grad = torch.sin(3 * ours) + ours**2 - 0.2  # depends on the parameter: trajectories must stay together
-        theirs.grad = torch.sin(3 * theirs.detach()) + theirs.detach() ** 2 - 0.2
-        adamw_update_(ours, grad, exp_avg, exp_avg_sq, step, lr)
-        opt.step()
-        sched.step()
-    assert torch.allclose(ours, theirs.detach(), rtol=0, atol=1e-7)
-    assert not torch.allclose(ours, torch.tensor([1 / 3, 1 / 3]), atol=1e-2)  # it did move
-
-
 # ------------------------------------------------------------------------------------------------------ the fit
 def test_fit_moves_weight_to_the_scale_that_matches_and_keeps_sum_one():
     for good in (0, 2):
@@ -127,10 +97,10 @@ def test_fit_moves_weight_to_the_scale_that_matches_and_keeps_sum_one():
         assert float(fit.losses[-1]) < float(fit.losses[0])
 
 
-@pytest.mark.parametrize(("chunk_size", "steps"), [(None, 1000), (97, 200)])
-def test_fused_fit_equals_autograd_and_torch_optim(chunk_size, steps):
+@pytest.mark.parametrize("steps", [1000, 200])
+def test_fit_equals_the_published_autograd_and_torch_optim_loop(steps):
     maps, gt = synthetic_logits(seed=5)
-    fit = fit_scale_weights(maps, gt, steps=steps, chunk_size=chunk_size)  # 97: many pieces per segment
+    fit = fit_scale_weights(maps, gt, steps=steps)
     weights, losses = published_fit([maps], [gt], steps)
     assert torch.allclose(fit.weights, weights, rtol=0, atol=1e-6)
     assert torch.allclose(fit.losses, losses, rtol=0, atol=1e-6)

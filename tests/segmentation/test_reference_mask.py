@@ -108,3 +108,29 @@ def test_empty_and_malformed_masks_are_errors():
         reference_cells(np.zeros((10, 10), dtype=bool), 64, (4, 4), arg_name="ref")
     with pytest.raises(ValueError, match="shape"):
         reference_cells(np.ones((10, 10, 3), dtype=bool), 64, (4, 4))
+
+
+def test_fallback_takes_the_most_covered_cell_not_the_brightest_bilinear_sample():
+    """Issue 11 item 7 / Decision 2: coverage decides, even when a bilinear sample points elsewhere."""
+    from persam_dreambooth.segmentation.reference_mask import fallback_cell
+
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[8, 8] = True  # one pixel at the centre of cell (0, 0): the only cell whose bilinear sample is > 0
+    mask[0:5, 16:21] = True  # 25 pixels in a corner of cell (0, 1): no sample reads them
+    with pytest.warns(SmallReferenceWarning):
+        cells = reference_cells(mask, 64, (4, 4))
+    assert cells.fallback
+    assert float(cells.values[0, 0]) > 0 and float(cells.values[0, 1]) == 0  # the bilinear sample would pick (0, 0)
+    assert cells.cells.nonzero().tolist() == [[0, 1]]
+    assert fallback_cell(mask, 64, (4, 4)) == (0, 1)
+
+
+def test_fallback_cell_ties_go_to_the_first_cell_in_row_major_order():
+    from persam_dreambooth.segmentation.reference_mask import fallback_cell
+
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[40:42, 0:2] = True  # cell (2, 0), 4 pixels
+    mask[0:2, 60:62] = True  # cell (0, 3), 4 pixels: first in row-major order
+    assert fallback_cell(mask, 64, (4, 4)) == (0, 3)
+    with pytest.raises(ValueError, match="non-empty"):
+        fallback_cell(np.zeros((8, 8), bool), 64, (4, 4))

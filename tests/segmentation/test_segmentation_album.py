@@ -11,13 +11,10 @@ from PIL import Image
 
 from persam_dreambooth import PerSAM
 from persam_dreambooth import testing as tiny
-from persam_dreambooth.segmentation.album import (
-    RESULTS_FILE,
-    check_instance_stems,
-    save_mask_png,
-    segment_images,
-)
-from persam_dreambooth.segmentation.visualize import draw_overlay
+from persam_dreambooth.albums.outputs import check_instance_stems, save_mask_png
+from persam_dreambooth.albums.segment_photos import segment_images
+from persam_dreambooth.albums.sharding import RESULTS_FILE
+from persam_dreambooth.utils.overlay import draw_overlay
 
 
 def test_check_instance_stems():

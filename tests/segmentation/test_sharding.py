@@ -16,8 +16,8 @@ from PIL import Image
 
 from persam_dreambooth import PerSAM
 from persam_dreambooth import testing as tiny
-from persam_dreambooth.segmentation.album import AlbumOptions, segment_images
-from persam_dreambooth.segmentation.sharding import (
+from persam_dreambooth.albums.segment_photos import AlbumOptions, segment_images
+from persam_dreambooth.albums.sharding import (
     RESULTS_FILE,
     append_jsonl,
     gather_results,
@@ -133,3 +133,15 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_sam_checkpoint):
     assert not list((tmp_path / "out").glob("results.rank*.jsonl"))
     assert json.loads((tmp_path / "out" / "run.json").read_text())["info"]["num_processes"] == 2
     assert all((tmp_path / "out" / f"{r['stem']}.png").is_file() for r in rows)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_result_rows_are_strict_json(tmp_path, bad):
+    """A non-finite number is refused instead of written as ``NaN`` (not JSON); nothing is left half-written."""
+    from persam_dreambooth.albums.sharding import append_jsonl, write_results
+
+    with pytest.raises(ValueError, match="non-finite"):
+        append_jsonl(tmp_path / "results.rank0.jsonl", {"stem": "a", "score": bad})
+    with pytest.raises(ValueError, match="non-finite"):
+        write_results(tmp_path, [{"stem": "a", "score": 0.5}, {"stem": "b", "score": bad}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

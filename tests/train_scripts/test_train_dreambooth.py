@@ -89,16 +89,82 @@ def test_accelerate_launch_produces_loadable_lora(tiny_sd_dir, script_data, tmp_
 
 
 def test_script_reports_a_diverged_run(tiny_sd_dir, script_data, capsys, monkeypatch):
-    from persam_dreambooth.training import driver
+    from persam_dreambooth.training import loop
 
-    real_step = driver.training_step
+    real_step = loop.training_step
 
     def nan_step(*args, **kwargs):
         out = real_step(*args, **kwargs)
         out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(driver, "training_step", nan_step)
+    monkeypatch.setattr(loop, "training_step", nan_step)
     rc = _script().main(_flags(tiny_sd_dir, script_data, script_data / "nan"))
     assert rc == 1 and "The loss became nan at step 1" in capsys.readouterr().err
     assert not (script_data / "nan" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_diffusers_sdxl_command_plus_one_mask_option_runs(script_data, tmp_path):
+    """The flags of diffusers' train_dreambooth_lora_sdxl.py (with --aspect_ratio_buckets, as its bucketing work
+    spells it) and one mask option: the family comes from the model folder."""
+    from persam_dreambooth.testing.families import save_tiny_sdxl, save_tiny_vae
+
+    model = save_tiny_sdxl(tmp_path / "sdxl")
+    vae = save_tiny_vae(tmp_path / "vae", seed=0)
+    out = tmp_path / "out"
+    rc = _script().main([
+        "--pretrained_model_name_or_path", str(model), "--pretrained_vae_model_name_or_path", str(vae),
+        "--instance_data_dir", str(script_data / "instance"), "--instance_prompt", "a photo of sks dog",
+        "--output_dir", str(out), "--resolution", "32", "--train_batch_size", "1", "--gradient_accumulation_steps",
+        "1", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_train_steps",
+        "2", "--rank", "4", "--seed", "0", "--report_to", "none", "--gradient_checkpointing",
+        "--aspect_ratio_buckets", "32,32;32,48;48,32",
+        "--mask_dir", str(script_data / "masks"),  # the one mask option
+    ])
+    assert rc == 0
+    resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
+    assert resolved["aspect_ratio_buckets"] == "32,32;32,48;48,32" and resolved["mask_source"] == "dir"
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe.load_lora_weights(out)
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+
+
+@pytest.mark.launch
+def test_two_processes_train_every_step_share_the_lock_and_skip_a_damaged_checkpoint(tiny_sd_dir, script_data):
+    """Two CPU processes (torchrun, gloo): all max_train_steps run (each process sees half the batches of an epoch);
+    a second launch into a folder in use stops in both processes, with exit 2 each and no deadlock; `latest` skips a
+    damaged checkpoint in both processes."""
+    import socket
+
+    from persam_dreambooth.utils.locks import lock_output_dir
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for i in range(2, 4):  # 4 photos: 2 batches per process per epoch
+        (script_data / "instance" / f"{i:02d}.jpg").write_bytes((script_data / "instance" / "00.jpg").read_bytes())
+        (script_data / "masks" / f"{i:02d}.png").write_bytes((script_data / "masks" / "00.png").read_bytes())
+    out = script_data / "two"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(SCRIPT), *_flags(tiny_sd_dir, script_data, out), "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    run = lambda *extra: subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True,  # noqa: E731
+                                        timeout=300)
+    proc = run()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (out / "checkpoint-4").iterdir()}
+
+    with lock_output_dir(out, "train", "--output_dir"):
+        proc = run()
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("train_dreambooth.py: error:")]
+    assert proc.returncode != 0 and len(refusals) == 2 and all(f"PID {os.getpid()}" in r for r in refusals)
+
+    optimizer = out / "checkpoint-4" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    proc = run("--resume_from_checkpoint", "latest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("checkpoint-4 is damaged") == 2 and "Resuming from" in proc.stderr

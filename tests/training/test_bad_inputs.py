@@ -69,7 +69,7 @@ def test_missing_base_model(train_kwargs, tmp_path):
 def test_output_dir_is_a_file(train_kwargs, tmp_path):
     (tmp_path / "file").write_text("x")
     _fails({**train_kwargs, "output_dir": str(tmp_path / "file")}, NotADirectoryError,
-           "`output_dir` must be a folder, but .* is an existing file")
+           "`--output_dir` must be a folder, but .* is an existing file")
     _fails({**train_kwargs, "output_dir": str(tmp_path / "file" / "sub")}, NotADirectoryError, "a parent of")
 
 

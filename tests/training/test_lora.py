@@ -8,13 +8,20 @@ from safetensors import safe_open
 
 from persam_dreambooth.training import TrainConfig
 from persam_dreambooth.training.components import inspect_base_model, load_components
+from persam_dreambooth.training.families.stable_diffusion import (
+    LORA_CLIP_TARGETS,
+    LORA_UNET_TARGETS,
+    StableDiffusionFamily,
+)
 from persam_dreambooth.training.lora import (
     LORA_WEIGHT_NAME,
+    add_denoiser_lora,
     add_text_encoder_lora,
-    add_unet_lora,
     load_lora,
     save_lora,
 )
+
+SD = StableDiffusionFamily()
 
 
 def _components(tiny_sd_dir):
@@ -27,8 +34,8 @@ def _with_adapters(tiny_sd_dir, rank, alpha, seed=0):
     """Base components with LoRA on the UNet and the text encoder, B randomised so the adapters do something."""
     config, comps = _components(tiny_sd_dir)
     torch.manual_seed(seed)
-    unet_lora = add_unet_lora(comps.unet, rank, alpha, 0.0, config.lora_target_modules)
-    te_lora = add_text_encoder_lora(comps.text_encoder, rank, alpha, 0.0, config.text_encoder_lora_target_modules)
+    unet_lora = add_denoiser_lora(comps.unet, rank, alpha, 0.0, LORA_UNET_TARGETS)
+    te_lora = add_text_encoder_lora(comps.text_encoder, rank, alpha, 0.0, LORA_CLIP_TARGETS)
     with torch.no_grad():
         for name, param in [*comps.unet.named_parameters(), *comps.text_encoder.named_parameters()]:
             if "lora_B" in name:
@@ -51,7 +58,8 @@ def test_fresh_pipeline_reproduces_the_trained_adapters(tiny_sd_dir, tmp_path, r
     from diffusers import StableDiffusionPipeline
 
     comps, unet_lora, te_lora = _with_adapters(tiny_sd_dir, rank, alpha)
-    path = save_lora(tmp_path, comps.unet, comps.text_encoder, unet_lora, te_lora)
+    path = save_lora(tmp_path, SD, comps.unet, {"text_encoder": comps.text_encoder}, unet_lora,
+                     {"text_encoder": te_lora})
     assert path == tmp_path / LORA_WEIGHT_NAME and [p.name for p in tmp_path.iterdir()] == [LORA_WEIGHT_NAME]
     with safe_open(path, "pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - safe_open is not a dict
@@ -76,15 +84,15 @@ def test_fresh_pipeline_reproduces_the_trained_adapters(tiny_sd_dir, tmp_path, r
 
 def test_load_lora_restores_weights_into_existing_adapters(tiny_sd_dir, tmp_path):
     comps, unet_lora, te_lora = _with_adapters(tiny_sd_dir, 4, 8.0, seed=0)
-    save_lora(tmp_path, comps.unet, comps.text_encoder, unet_lora, te_lora)
+    save_lora(tmp_path, SD, comps.unet, {"text_encoder": comps.text_encoder}, unet_lora, {"text_encoder": te_lora})
     expected = _forward(comps.unet, comps.text_encoder, comps.tokenizer)
     other, _, _ = _with_adapters(tiny_sd_dir, 4, 8.0, seed=1)
     assert not torch.allclose(_forward(other.unet, other.text_encoder, other.tokenizer)[0], expected[0])
-    load_lora(tmp_path, other.unet, other.text_encoder)
+    load_lora(tmp_path, SD, other.unet, {"text_encoder": other.text_encoder})
     got = _forward(other.unet, other.text_encoder, other.tokenizer)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     wrong_rank, _, _ = _with_adapters(tiny_sd_dir, 2, 8.0)
     with pytest.raises(Exception, match="size mismatch|does not fit"):
-        load_lora(tmp_path, wrong_rank.unet)
+        load_lora(tmp_path, SD, wrong_rank.unet)
     with pytest.raises(FileNotFoundError, match="no LoRA weights"):
-        load_lora(tmp_path / "nowhere", other.unet)
+        load_lora(tmp_path / "nowhere", SD, other.unet)

@@ -1,4 +1,4 @@
-"""The masked-loss contract (masked_dreambooth.md, Decision 2) on hand-made tensors."""
+"""The masked-loss contract (docs/design/masked_dreambooth.md, Decision 2) on hand-made tensors."""
 
 import pytest
 import torch

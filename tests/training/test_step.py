@@ -5,8 +5,9 @@ import torch
 
 from persam_dreambooth.training import TrainConfig
 from persam_dreambooth.training.components import inspect_base_model, load_components
-from persam_dreambooth.training.lora import add_unet_lora
-from persam_dreambooth.training.step import StepModels, encode_prompt, tokenize_prompt, training_step
+from persam_dreambooth.training.families.stable_diffusion import LORA_UNET_TARGETS
+from persam_dreambooth.training.lora import add_denoiser_lora
+from persam_dreambooth.training.step import StepModels, training_step
 
 
 @pytest.fixture
@@ -15,12 +16,12 @@ def setup(tiny_sd_dir):
                          instance_prompt="a photo of sks dog", mask_source="none", resolution=32)
     comps = load_components(config, inspect_base_model(config))
     torch.manual_seed(0)
-    add_unet_lora(comps.unet, 4, 4.0, 0.0, config.lora_target_modules)
-    ids, _ = tokenize_prompt(comps.tokenizer, config.instance_prompt, comps.token_length)
+    add_denoiser_lora(comps.unet, 4, 4.0, 0.0, LORA_UNET_TARGETS)
+    family = comps.family
     with torch.no_grad():
-        embeds = encode_prompt(comps.text_encoder, ids)
-    models = StepModels(unet=comps.unet, vae=comps.vae, text_encoder=None, noise_scheduler=comps.noise_scheduler,
-                        latent_scaling=comps.vae.config.scaling_factor, instance_embeds=embeds)
+        text = family.encode_text(comps.text_encoders, family.tokenize(comps, config.instance_prompt, config), config)
+    models = StepModels(family=family, info=comps.info, denoiser=comps.unet, vae=comps.vae, text_encoders=None,
+                        noise_scheduler=comps.noise_scheduler, instance_text=text)
     g = torch.Generator().manual_seed(0)
     batch = {"instance_pixel_values": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
              "instance_latent_mask": torch.ones(2, 1, 16, 16)}
@@ -60,7 +61,7 @@ def test_v_prediction_snr_and_offset_noise(setup):
 
 def test_prior_half_is_unmasked_plain_mse_and_gets_no_snr_weight(setup):
     config, comps, models, batch = setup
-    models.class_embeds = models.instance_embeds.flip(-1)  # another prompt for the class half
+    models.class_text = {"prompt_embeds": models.instance_text["prompt_embeds"].flip(-1)}  # another prompt
     g = torch.Generator().manual_seed(4)
     batch = dict(batch, class_pixel_values=torch.rand(2, 3, 32, 32, generator=g) * 2 - 1)
     cfg = config.replace(prior_loss_weight=0.5)

@@ -1,6 +1,7 @@
 """End-to-end runs of ``train(config)`` on the tiny Stable Diffusion (CPU, 32 px, a few steps each)."""
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from persam_dreambooth import testing as tiny
 from persam_dreambooth.config import from_dict, load_config_file
-from persam_dreambooth.training import TrainConfig, TrainingDivergedError, driver, train
+from persam_dreambooth.training import TrainConfig, TrainingDivergedError, loop, train
 
 
 def _pipe(folder):
@@ -125,13 +126,13 @@ def test_vanilla_with_cached_latents_and_prior_preservation(train_kwargs, tmp_pa
                                                                                                    "00002"]
 
 
-def test_resume_after_interruption_ends_with_the_same_weights(train_kwargs, tmp_path, monkeypatch):
+def test_resume_after_interruption_ends_with_the_same_weights(train_kwargs, tmp_path, monkeypatch, caplog):
     common = {**train_kwargs, "max_train_steps": 4, "checkpointing_steps": 2, "random_flip": True,
               "lora_dropout": 0.1, "unmasked_probability": 0.5, "lr_scheduler": "cosine", "lr_warmup_steps": 1,
               "gradient_accumulation_steps": 1}
     straight = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "straight")}))
 
-    real_step, calls = driver.training_step, {"n": 0}
+    real_step, calls = loop.training_step, {"n": 0}
 
     def crash_on_third(*args, **kwargs):
         calls["n"] += 1
@@ -139,7 +140,7 @@ def test_resume_after_interruption_ends_with_the_same_weights(train_kwargs, tmp_
             raise KeyboardInterrupt("simulated crash")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(driver, "training_step", crash_on_third)
+    monkeypatch.setattr(loop, "training_step", crash_on_third)
     interrupted = {**common, "output_dir": str(tmp_path / "resumed")}
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**interrupted))
@@ -155,9 +156,38 @@ def test_resume_after_interruption_ends_with_the_same_weights(train_kwargs, tmp_
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert max(v.abs().max().item() for k, v in a.items() if ".up." in k) > 1e-3  # it did train
 
+    # a damaged newest checkpoint (truncated optimizer.bin): `latest` falls back to the newest intact one, warns
+    # naming the damaged one, and the run still ends on the uninterrupted run's weights
+    calls["n"] = 0
+    monkeypatch.setattr(loop, "training_step", _crash_on(4, real_step, calls))  # after checkpoint-3
+    damaged = {**common, "checkpointing_steps": 1, "output_dir": str(tmp_path / "damaged")}
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**damaged))
+    assert sorted(p.name for p in (tmp_path / "damaged").glob("checkpoint-*")) == [
+        "checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    optimizer_file = tmp_path / "damaged" / "checkpoint-3" / "optimizer.bin"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
+    calls["n"] = -100
+    with caplog.at_level(logging.WARNING):
+        fallback = train(TrainConfig(**{**damaged, "resume_from_checkpoint": "latest"}))
+    assert calls["n"] == -100 + 2  # steps 3 and 4 only: it started from checkpoint-2
+    assert any("checkpoint-3" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    c = load_file(fallback / "pytorch_lora_weights.safetensors")
+    assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def _crash_on(n, real_step, calls):
+    def crash(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(*args, **kwargs)
+
+    return crash
+
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_kwargs, monkeypatch):
-    real_step, calls = driver.training_step, {"n": 0}
+    real_step, calls = loop.training_step, {"n": 0}
 
     def nan_on_third(*args, **kwargs):
         out = real_step(*args, **kwargs)
@@ -166,7 +196,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_kwargs, monkeyp
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(driver, "training_step", nan_on_third)
+    monkeypatch.setattr(loop, "training_step", nan_on_third)
     with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 3.*checkpoint-2"):
         train(TrainConfig(**{**train_kwargs, "max_train_steps": 4, "checkpointing_steps": 1}))
     out = train_kwargs["output_dir"]
@@ -181,6 +211,7 @@ def test_persam_masks_made_before_training(train_kwargs, dreambooth_data, tiny_s
         **train_kwargs, "mask_dir": None, "reference_image": str(dreambooth_data["instance"] / "00.jpg"),
         "reference_mask": str(dreambooth_data["masks"] / "00.png"), "sam_model_type": "tiny",
         "sam_checkpoint": str(tiny_sam_checkpoint), "max_train_steps": 1,
+        "accept_masks": True,  # the tiny SAM has random weights: its masks are implausible, and that is expected
     }))
     record = json.loads((out / "masks" / "masks.json").read_text())
     assert record["method"] == "persam" and record["sam_model_type"] == "tiny" and len(record["images"]) == 3
@@ -188,7 +219,7 @@ def test_persam_masks_made_before_training(train_kwargs, dreambooth_data, tiny_s
 
 
 def test_bf16_keeps_trainable_lora_in_fp32_and_does_not_leak_into_the_next_run(train_kwargs, tmp_path, monkeypatch):
-    from persam_dreambooth.training import loop
+    from persam_dreambooth.training import recipe
 
     seen = []
 
@@ -199,8 +230,8 @@ def test_bf16_keeps_trainable_lora_in_fp32_and_does_not_leak_into_the_next_run(t
                      {p.dtype for p in comps.text_encoder.parameters() if not p.requires_grad}))
         return trained
 
-    real_prepare = loop.prepare_models
-    monkeypatch.setattr(loop, "prepare_models", spy)
+    real_prepare = recipe.prepare_models
+    monkeypatch.setattr(recipe, "prepare_models", spy)
     out = train(TrainConfig(**{**train_kwargs, "mixed_precision": "bf16", "train_text_encoder": True,
                                "validation_prompt": "a photo of sks dog", "num_validation_images": 1,
                                "validation_inference_steps": 2}))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from process_helpers import run_unprivileged
 
 from persam_dreambooth.utils.io import (
     atomic_dir,
@@ -18,7 +19,7 @@ from persam_dreambooth.utils.io import (
     atomic_write_text,
     dumps_json,
 )
-from persam_dreambooth.utils.locks import FolderLockedError, lock_output_dir
+from persam_dreambooth.utils.locks import LOCK_NAME, FolderLockedError, lock_output_dir
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -70,23 +71,6 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
 
 
 
-def without_root_override() -> None:  # pragma: no cover - runs in the child, before exec
-    """Drop root's permission overrides (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER) from the bounding set,
-    so the program run next meets file modes as an ordinary user does (CI runs as root)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2, 3):  # linux/capability.h
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
-def run_unprivileged(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """Run a command that must meet file permissions as an ordinary user would (as root: without the overrides)."""
-    return subprocess.run(args, capture_output=True, text=True, timeout=kwargs.pop("timeout", 300), check=False,
-                          preexec_fn=without_root_override if os.geteuid() == 0 else None, **kwargs)
-
-
 def test_read_only_output_folders_are_refused_before_anything_is_written(tmp_path):
     root = tmp_path
     try:
@@ -131,3 +115,32 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
         assert done.returncode != 0 and f"PID {os.getpid()}" in done.stderr
     with lock_output_dir(tmp_path / "run", "segment"):  # released when the block ends
         pass
+
+
+def test_tidy_lock_leaves_nothing_when_the_run_fails(tmp_path):
+    """``tidy_on_error``: a run that fails inside the lock removes the lock file and the folders it created."""
+    target = tmp_path / "new" / "run"
+    with pytest.raises(ValueError, match="bad photo"), lock_output_dir(target, "segment", tidy_on_error=True):
+        assert (target / LOCK_NAME).is_file()
+        raise ValueError("bad photo")
+    assert list(tmp_path.iterdir()) == []
+    # an existing folder stays, with what was in it; a lock file it already had stays too
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "results.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError), lock_output_dir(tmp_path / "kept", "segment", tidy_on_error=True):
+        raise ValueError("settings differ")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["results.jsonl"]
+    with lock_output_dir(tmp_path / "kept", "segment"):
+        pass
+    with pytest.raises(ValueError), lock_output_dir(tmp_path / "kept", "segment", tidy_on_error=True):
+        raise ValueError("again")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [LOCK_NAME, "results.jsonl"]
+    # a refused run does not remove the holder's lock file
+    with lock_output_dir(tmp_path / "held", "segment"):
+        with pytest.raises(FolderLockedError), lock_output_dir(tmp_path / "held", "segment", tidy_on_error=True):
+            pass
+        assert (tmp_path / "held" / LOCK_NAME).is_file()
+    # without the option (the default), the lock file and the folder stay
+    with pytest.raises(ValueError), lock_output_dir(tmp_path / "plain", "segment"):
+        raise ValueError("x")
+    assert (tmp_path / "plain" / LOCK_NAME).is_file()

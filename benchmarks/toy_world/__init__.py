@@ -1,0 +1,1 @@
+"""Toy text-to-image world for the masked-vs-vanilla DreamBooth leakage benchmark (issue 13); see README.md."""
