@@ -99,17 +99,19 @@ def eval_davis(cfg: EvalDavisConfig) -> dict[str, Any]:
     settings = {"data": str(data.resolve()), "method": cfg.method, "sam_model": cfg.sam_model, "dtype": cfg.dtype,
                 "sam_checkpoint": None if cfg.sam_checkpoint is None else str(Path(cfg.sam_checkpoint).resolve())}
     run_json = out / "run.json"
+    clear = False
     if run_json.is_file():
         previous = json.loads(run_json.read_text(encoding="utf-8")).get("settings")
         if previous != settings and not cfg.overwrite:
             raise ValueError(f"`--output` {str(out)!r} holds predictions made with other settings; choose another "
                              "folder or add `--overwrite`.")
-        if previous != settings:
-            import shutil
-
-            shutil.rmtree(out / PREDICTIONS, ignore_errors=True)
+        clear = previous != settings
     with lock_output_dir(out, "eval-davis", "--output", tidy_on_error=True):  # one run per folder
         pred_root = out / PREDICTIONS
+        if clear:  # --overwrite: only under the lock, never under another run's feet
+            import shutil
+
+            shutil.rmtree(pred_root, ignore_errors=True)
         todo = [p for p in plans if not all((pred_root / p[0] / f"{f.stem}.png").is_file() for f in p[1])]
         start = time.perf_counter()
         atomic_write_json(run_json, {"settings": settings, "status": "running"})

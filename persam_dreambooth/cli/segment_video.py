@@ -124,7 +124,6 @@ class SegmentVideoConfig(SamOptions):
         return "--video" if self.video is not None else "--frames"
 
 
-
 def add_video_command(subparsers: Any, name: str, config_cls: type, run: Any, *, help: str,
                       description: str) -> argparse.ArgumentParser:
     """Add a video sub-command: ``--config FILE`` plus one dashed flag per field of ``config_cls``."""
@@ -246,7 +245,7 @@ def segment_video(cfg: SegmentVideoConfig) -> dict[str, Any]:
     names = ReferenceArgNames(mask="--ref-mask", box="--ref-box", point="--ref-point")
     given_labels = None
     if cfg.ref_mask is not None:  # checked before SAM is loaded
-        given_labels, _ = reference_labels(ref.image, mask=read_label_map(cfg.ref_mask, "--ref-mask"), names=names)
+        given_labels, _ = reference_labels(ref.image, mask=cfg.ref_mask, names=names)  # read as `--ref-mask`
     weights = "official" if cfg.sam_checkpoint is None else str(Path(cfg.sam_checkpoint).resolve())
     settings = _settings(cfg, source, given_labels, weights)
     done_rows, clear = _plan_resume(cfg, out, settings)

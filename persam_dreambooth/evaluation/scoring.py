@@ -192,6 +192,15 @@ def _load_cache(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any
     return data.get("images", {})
 
 
+def _finite_or_none(row: dict[str, Any], file: str) -> dict[str, Any]:
+    """A metric that came out NaN or infinite (e.g. an fp16 overflow) counts as missing (``None``), as the means
+    already treat NaN; the score files stay strict JSON."""
+    bad = [m for m, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        logger.warning("%s: %s not finite; recorded as missing", file, ", ".join(bad))
+    return {m: (None if m in bad else v) for m, v in row.items()}
+
+
 def score_run(
     scorer: Scorer,
     records: Sequence[dict[str, Any]],
@@ -241,7 +250,7 @@ def score_run(
                         images.append(np.array(im.convert("RGB")))  # a writable copy
                 rows = scorer.score(images, [k["clip_text"] for k in chunk], [k["background_text"] for k in chunk])
                 for k, row in zip(chunk, rows, strict=True):
-                    cache[k["file"]] = {**k, **row}
+                    cache[k["file"]] = {**k, **_finite_or_none(row, k["file"])}
                 atomic_write_json(cache_path, {"settings": settings, "images": cache}, indent=1)
                 bar.update(len(chunk))
     return [cache[k["file"]] for k in keyed]

@@ -190,7 +190,7 @@ def select_instance_frames(
                             "num_frames", "max_candidates", "min_score", "min_area_fraction", "output_dir")}
     names.update(arg_names or {})
     ref_names = ReferenceArgNames(mask=names["reference_mask"], box=names["reference_box"],
-                              point=names["reference_point"])
+                                  point=names["reference_point"])
     check_reference_choice(reference_mask, reference_box, reference_point, ref_names)
     num_frames = _check_int(num_frames, names["num_frames"], 1)
     max_candidates = _check_int(max_candidates, names["max_candidates"], 1)
@@ -292,7 +292,7 @@ def _write(output_dir: Path, source: Any, chosen: list[FrameCandidate], candidat
     tmp = Path(tempfile.mkdtemp(prefix=".frames.", suffix=".tmp", dir=output_dir))
     try:
         wanted = {c.index: c for c in chosen}
-        images: dict[str, np.ndarray] = {}
+        images: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (thumbnail (h, w, 3), its mask (h, w))
         (tmp / INSTANCE_DIR).mkdir()
         last = max(wanted)
         for data in source.frames():  # second pass: only the chosen frames are kept

@@ -33,6 +33,7 @@ class UiConfig:
         """Validate everything before the app starts; raises naming the flag, the value and the rule."""
         from persam_dreambooth.segmentation.sam import SAM_BUILDERS
         from persam_dreambooth.ui.server import check_host, parse_auth
+        from persam_dreambooth.utils.devices import resolve_device
 
         if not 1 <= self.port <= 65535:
             raise ValueError(f"`{self.flag('port')}` must be an integer in [1, 65535], got {self.port!r}.")
@@ -42,4 +43,5 @@ class UiConfig:
                              f"got {self.sam_model!r}.")
         if self.sam_checkpoint is not None and not Path(self.sam_checkpoint).is_file():
             raise FileNotFoundError(f"`{self.flag('sam_checkpoint')}` file {self.sam_checkpoint!r} does not exist.")
+        resolve_device(self.device, self.flag("device"))  # SAM loads on the first click: refuse a bad device now
         check_output_dir(self.project, self.flag("project"))  # a file, or a folder that cannot be written

@@ -1,4 +1,5 @@
-"""Pictures for the page: a photo with its mask tinted, the clicks (green positive, red negative) and the box."""
+"""Pictures for the page: a photo with its mask tinted (:func:`persam_dreambooth.utils.overlay.overlay_mask`, the
+package's one mask tint), the clicks (green positive, red negative) and the box."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from persam_dreambooth.utils.overlay import overlay_mask
+
 __all__ = ["display_copy", "draw", "thumbnail"]
 
-_TINT = np.array([30, 144, 255], dtype=np.float32)  # mask colour (dodger blue)
 _POSITIVE, _NEGATIVE, _BOX = (40, 220, 60), (240, 40, 40), (255, 200, 0)
 
 
@@ -30,16 +32,8 @@ def draw(image: np.ndarray, mask: np.ndarray | None = None, points: Sequence[Seq
     if pil.size != size:
         pil = pil.resize(size, Image.BILINEAR)
     if mask is not None and mask.any():
-        out = np.array(pil)  # (h, w, 3) uint8, a copy
-        m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
-        out[m] = (out[m] * (1 - alpha) + _TINT * alpha).astype(np.uint8)  # only the mask's pixels are touched
-        inner = m.copy()
-        inner[1:] &= m[:-1]
-        inner[:-1] &= m[1:]
-        inner[:, 1:] &= m[:, :-1]
-        inner[:, :-1] &= m[:, 1:]
-        out[m & ~inner] = _TINT.astype(np.uint8)  # the outline
-        pil = Image.fromarray(out)
+        m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0  # (h, w)
+        pil = Image.fromarray(overlay_mask(np.asarray(pil), m, alpha))  # tinted and outlined
     pen = ImageDraw.Draw(pil)
     radius = max(3, round(min(pil.size) / 60))
     sx, sy = size[0] / width, size[1] / height

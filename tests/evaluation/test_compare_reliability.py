@@ -178,3 +178,33 @@ def test_deliverables_get_the_umask_modes_and_slow_stages_show_progress(ws, tmp_
     for start in ("Loading the DINO model", "Loading the CLIP model", "Loading SAM tiny", "Encoding the PerSAM "
                   "reference", "Embedding the 3 instance image(s)", "Loading the pipeline", "Report written to"):
         assert any(m.startswith(start) for m in messages), (start, messages)
+
+
+def test_a_non_finite_metric_is_recorded_as_missing_and_the_score_file_stays_strict_json(tmp_path, caplog):
+    """An fp16 overflow can make a metric NaN: it must not stop `compare` at the strict-JSON writer; it counts as a
+    missing value (as the means already treat NaN) and the warning names the image and the metric."""
+    import json as _json
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from persam_dreambooth.evaluation.prompts import PromptSpec
+    from persam_dreambooth.evaluation.scoring import score_run
+    from persam_dreambooth.generation.generate import IDENTITY_KEYS
+
+    class OverflowingScorer:  # the scorer's interface: score(images, clip_texts, background_texts) -> rows
+        def score(self, images, clip_texts, background_texts):
+            return [{"dino": float("nan"), "clip_t": 0.25, "clip_i": float("inf")} for _ in images]
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    record = {"file": "a.png", "prompt_index": 0, "image_index": 0, **dict.fromkeys(IDENTITY_KEYS)}
+    spec = PromptSpec(index=0, template="a {} on the beach", group="recontextualization",
+                      prompt="a sks dog on the beach", clip_text="a dog on the beach", background_text="the beach")
+    cache = tmp_path / "scores.json"
+    with caplog.at_level(logging.WARNING):
+        rows = score_run(OverflowingScorer(), [record], tmp_path, [spec], cache, {"v": 1}, progress=False)
+    assert rows[0]["dino"] is None and rows[0]["clip_i"] is None and rows[0]["clip_t"] == 0.25
+    assert "a.png" in caplog.text and "dino" in caplog.text and "clip_i" in caplog.text
+    stored = _json.loads(cache.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    assert stored["images"]["a.png"]["dino"] is None
