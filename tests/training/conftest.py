@@ -32,3 +32,27 @@ def train_kwargs(tiny_sd_dir, dreambooth_data, tmp_path):
         "seed": 0,
         "report_to": "none",
     }
+
+
+@pytest.fixture
+def crash_at_step(monkeypatch):
+    """``calls = crash_at_step(n)``: the trainer's ``n``-th training step (counted from now) raises
+    ``KeyboardInterrupt``, a simulated crash; every step is counted in ``calls["n"]``, which a test may reset to
+    count the steps of a resumed run."""
+    from persam_dreambooth.training import loop
+
+    real_step = loop.training_step
+
+    def arm(n: int) -> dict:
+        calls = {"n": 0}
+
+        def crash(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt("simulated crash")
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "training_step", crash)
+        return calls
+
+    return arm

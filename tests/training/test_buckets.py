@@ -126,20 +126,12 @@ def test_sdxl_trains_in_buckets_with_the_real_crop_and_the_bucket_as_target(sdxl
     assert rows == [[48, 64, 2, 0, 32, 48]] * 2 + [[64, 48, 0, 2, 48, 32]]
 
 
-def test_resume_in_buckets_is_exact_and_bad_buckets_fail_first(sdxl_dir, tmp_path, monkeypatch):
+def test_resume_in_buckets_is_exact_and_bad_buckets_fail_first(sdxl_dir, tmp_path, crash_at_step):
     common = _kwargs(sdxl_dir, tmp_path, max_train_steps=4, checkpointing_steps=2, random_flip=True,
                      with_prior_preservation=True, class_data_dir=str(tmp_path / "class"),
                      class_prompt="a photo of dog", num_class_images=2, class_generation_steps=2)
     straight = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "straight")}))
-    real_step, calls = loop.training_step, {"n": 0}
-
-    def crash_on_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "training_step", crash_on_third)
+    crash_at_step(3)
     interrupted = {**common, "output_dir": str(tmp_path / "resumed")}
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**interrupted))

@@ -126,21 +126,13 @@ def test_vanilla_with_cached_latents_and_prior_preservation(train_kwargs, tmp_pa
                                                                                                    "00002"]
 
 
-def test_resume_after_interruption_ends_with_the_same_weights(train_kwargs, tmp_path, monkeypatch, caplog):
+def test_resume_after_interruption_ends_with_the_same_weights(train_kwargs, tmp_path, crash_at_step, caplog):
     common = {**train_kwargs, "max_train_steps": 4, "checkpointing_steps": 2, "random_flip": True,
               "lora_dropout": 0.1, "unmasked_probability": 0.5, "lr_scheduler": "cosine", "lr_warmup_steps": 1,
               "gradient_accumulation_steps": 1}
     straight = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "straight")}))
 
-    real_step, calls = loop.training_step, {"n": 0}
-
-    def crash_on_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # after checkpoint-2, in the middle of epoch 0 (3 images, batch 1)
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "training_step", crash_on_third)
+    calls = crash_at_step(3)  # after checkpoint-2, in the middle of epoch 0 (3 images, batch 1)
     interrupted = {**common, "output_dir": str(tmp_path / "resumed")}
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**interrupted))
@@ -158,8 +150,7 @@ def test_resume_after_interruption_ends_with_the_same_weights(train_kwargs, tmp_
 
     # a damaged newest checkpoint (truncated optimizer.bin): `latest` falls back to the newest intact one, warns
     # naming the damaged one, and the run still ends on the uninterrupted run's weights
-    calls["n"] = 0
-    monkeypatch.setattr(loop, "training_step", _crash_on(4, real_step, calls))  # after checkpoint-3
+    calls = crash_at_step(4)  # after checkpoint-3
     damaged = {**common, "checkpointing_steps": 1, "output_dir": str(tmp_path / "damaged")}
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**damaged))
@@ -174,16 +165,6 @@ def test_resume_after_interruption_ends_with_the_same_weights(train_kwargs, tmp_
     assert any("checkpoint-3" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
     c = load_file(fallback / "pytorch_lora_weights.safetensors")
     assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-6
-
-
-def _crash_on(n, real_step, calls):
-    def crash(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
-
-    return crash
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_kwargs, monkeypatch):

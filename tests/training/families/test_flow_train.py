@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from persam_dreambooth import testing as tiny
-from persam_dreambooth.training import loop, train
+from persam_dreambooth.training import train
 
 
 @pytest.fixture
@@ -60,19 +60,11 @@ def test_trained_lora_loads_in_the_pipeline_and_changes_its_output(flow_dir, tmp
     assert abs(after - before).max() > 1e-4
 
 
-def test_resume_after_interruption_ends_with_the_same_weights(flow_dir, tmp_path, photos, monkeypatch):
+def test_resume_after_interruption_ends_with_the_same_weights(flow_dir, tmp_path, photos, crash_at_step):
     common = {"max_train_steps": 4, "checkpointing_steps": 2, "random_flip": True, "weighting_scheme": "logit_normal"}
     straight = _lora(train(_config(flow_dir, tmp_path, photos, "straight", **common)))
 
-    real_step, calls = loop.training_step, {"n": 0}
-
-    def crash_on_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # after checkpoint-2
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "training_step", crash_on_third)
+    calls = crash_at_step(3)  # after checkpoint-2
     with pytest.raises(KeyboardInterrupt):
         train(_config(flow_dir, tmp_path, photos, "resumed", **common))
     assert not (tmp_path / "resumed" / "pytorch_lora_weights.safetensors").exists()

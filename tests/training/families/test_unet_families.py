@@ -104,20 +104,12 @@ def test_lora_loads_with_the_family_pipeline_and_changes_its_output(family_dir, 
     assert np.abs(_sample(pipe) - before).max() > 1e-4
 
 
-def test_resume_gives_the_uninterrupted_weights(family_dir, tmp_path, monkeypatch):
+def test_resume_gives_the_uninterrupted_weights(family_dir, tmp_path, crash_at_step):
     name, model_dir = family_dir
     common = _kwargs(model_dir, tmp_path, max_train_steps=4, checkpointing_steps=2, random_flip=True,
                      unmasked_probability=0.5, lora_dropout=0.1)
     straight = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "straight")}))
-    real_step, calls = loop.training_step, {"n": 0}
-
-    def crash_on_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "training_step", crash_on_third)
+    crash_at_step(3)
     interrupted = {**common, "output_dir": str(tmp_path / "resumed")}
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**interrupted))
