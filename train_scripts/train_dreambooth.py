@@ -41,13 +41,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         output_dir = train(config)
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, FolderLockedError) as exc:
-        print(f"train_dreambooth.py: error: {exc}", file=sys.stderr)  # noqa: T201 - script boundary
+        print(f"train_dreambooth.py: error: {exc}", file=sys.stderr, flush=True)  # noqa: T201 - script boundary
+        if isinstance(exc, FolderLockedError):
+            # Every process refuses together (the main process's lock outcome is broadcast): let each one say so
+            # before any exits, since the launcher stops the others as soon as one process has failed.
+            _wait_for_every_process()
         return 2
     except TrainingDivergedError as exc:  # the checkpoints saved before the bad step are kept
         print(f"train_dreambooth.py: error: {exc}", file=sys.stderr)  # noqa: T201 - script boundary
         return 1
     logging.getLogger("train_dreambooth").info("Masks: %s" if config.masks_only else "Done: %s", output_dir)
     return 0
+
+
+def _wait_for_every_process() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 if __name__ == "__main__":
